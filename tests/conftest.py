@@ -1,0 +1,83 @@
+"""Fixtures: a tiny random-weight Gemma 3 (fast tests) and the real embedded Gemma (marked `gemma`).
+
+The tiny tokenizer is character-level and offline. Its pad id equals its EOS id on purpose, the
+setting in which other GRPO codebases silently stop training the stop token (NOTES.md).
+"""
+import os
+import string
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+CHARS = sorted(set(string.printable) - set("\x0b\x0c\r"))
+
+
+def make_char_tokenizer(chat_template: str | None = None):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                  pad_token="<eos>", unk_token="<unk>")
+    if chat_template:
+        tok.chat_template = chat_template
+    return tok
+
+
+def make_tiny_gemma(vocab_size: int, seed: int = 0, sliding_window: int = 8):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=sliding_window, max_position_embeddings=256,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        pad_token_id=1, eos_token_id=1, bos_token_id=2, initializer_range=0.2)
+    model = Gemma3ForCausalLM(cfg).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    return make_char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_tok):
+    """(model, tokenizer): a 4-layer random Gemma 3 whose sliding window (8) is shorter than the
+    test sequences, so the sliding-window cache path is exercised."""
+    return make_tiny_gemma(len(tiny_tok)), tiny_tok
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The real embedded Gemma 3 270M (fp32, CPU), loaded once per session."""
+    return common.load_model("gemma", device="cpu", dtype="float32")
+
+
+class ScriptedLM(torch.nn.Module):
+    """Wraps a model so that, after a prompt of `prompt_len` tokens, it writes `script` token by
+    token (one-hot logits), whatever the sampling seed. The inner model still runs, so the KV
+    cache, padding and compaction paths are the real ones."""
+
+    def __init__(self, inner, script: list[int], prompt_len: int):
+        super().__init__()
+        self.inner, self.script, self.prompt_len = inner, script, prompt_len
+        self.config, self.generation_config = inner.config, inner.generation_config
+
+    def forward(self, position_ids, **kw):
+        out = self.inner(position_ids=position_ids, **kw)
+        j = (position_ids[:, -1] + 1 - self.prompt_len).tolist()              # next script index
+        logits = torch.full_like(out.logits[:, -1:], -1e9)
+        for b, i in enumerate(j):
+            logits[b, 0, self.script[min(i, len(self.script) - 1)]] = 0.0
+        return SimpleNamespace(logits=logits)
