@@ -140,14 +140,17 @@ def load_model(name: str = "gemma", device: str | None = None, dtype: str | None
     """(model, tokenizer) in eval mode. "gemma" is the embedded offline Gemma 3 270M (base model);
     anything else is a local HF folder or a hub id. fp32 on CPU, bf16 on CUDA unless overridden."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = gemma_dir() if name == "gemma" else name
+    path = gemma_dir() if name == "gemma" else os.path.expanduser(name)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        raise UserError(f"--model {name!r}: no such folder")
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
-    except OSError as e:
-        raise UserError(f"--model {name!r}: not a local Hugging Face folder nor a reachable hub id ({e})")
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {name!r}: not a local Hugging Face folder nor a reachable hub id ({first})")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.to(dev).eval()
@@ -566,7 +569,7 @@ def verify(q, completion: str) -> tuple[float, str]:
         return (1.0, f"correct: {got}") if got == q.answer else (0.0, f"expected {q.answer}, got {got}")
     if q.answer_type == "number":
         got = extract_number(text)
-        want = float(q.answer)
+        want = _to_number(q.answer)
         if got is None:
             return 0.0, f"expected {q.answer}, no number found"
         tol = q.tolerance if q.tolerance is not None else 1e-6 + 1e-6 * abs(want)

@@ -1,0 +1,88 @@
+"""Model loading, prompt formats, checkpoints that from_pretrained reloads, resumable state."""
+import importlib
+
+import pytest
+import torch
+from conftest import make_char_tokenizer, make_tiny_gemma
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import common
+
+Q = common.Question("q", "c", "Which is largest?", "B", "mcq", choices=["1", "3", "2"])
+
+
+def test_plain_completion_format_for_base_models(tiny_tok):
+    p = common.question_prompt(tiny_tok, Q, lesson="Compare digits.")
+    assert p == "Lesson: Compare digits.\n\nQuestion: Which is largest?\nA) 1\nB) 3\nC) 2\nAnswer:"
+    assert common.encode(tiny_tok, p)[0] == tiny_tok.bos_token_id
+
+
+def test_chat_template_used_when_the_tokenizer_has_one():
+    tok = make_char_tokenizer(chat_template="{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+                                            "{% endfor %}{% if add_generation_prompt %}<model>{% endif %}")
+    p = common.question_prompt(tok, Q)
+    assert p.startswith("<bos><user>Question: Which is largest?") and p.endswith("<model>")
+    assert common.encode(tok, p).count(tok.bos_token_id) == 1     # BOS not added twice
+    assert common.question_prompt(tok, Q, chat=False).endswith("Answer:")
+
+
+def test_checkpoint_reloads_with_from_pretrained(tmp_path, tiny_tok):
+    model = make_tiny_gemma(len(tiny_tok), seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    common.save_checkpoint(tmp_path, model, tiny_tok, opt, step=3, extra={"library_size": 5})
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").eval()
+    ids = torch.tensor([common.encode(tiny_tok, "Question: hi")])
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert AutoTokenizer.from_pretrained(tmp_path / "checkpoint")("ab").input_ids == tiny_tok("ab").input_ids
+    common.save_checkpoint(tmp_path, model, tiny_tok, opt, step=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]   # replaced, nothing left over
+
+
+def test_resume_restores_step_optimizer_and_rng(tmp_path, tiny_tok):
+    model = make_tiny_gemma(len(tiny_tok), seed=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=torch.tensor([[2, 5, 6]])).logits.sum().backward()
+    opt.step()
+    torch.manual_seed(11)
+    common.save_checkpoint(tmp_path, model, tiny_tok, opt, step=7, extra={"seen": ["q1"]})
+    expected = torch.rand(3)
+    torch.manual_seed(0)                                   # the "crash": state lost
+    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state = common.load_resume_state(tmp_path, opt2)
+    assert state["step"] == 7 and state["extra"] == {"seen": ["q1"]}
+    torch.testing.assert_close(torch.rand(3), expected)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        torch.testing.assert_close(s1[k]["exp_avg"], s2[k]["exp_avg"])
+    assert common.load_resume_state(tmp_path / "elsewhere") is None
+
+
+def test_unknown_model_folder_is_a_user_error(tmp_path):
+    with pytest.raises(common.UserError, match="--model"):
+        common.load_model(str(tmp_path / "no-such-model"))
+
+
+def test_bad_dtype_is_a_user_error():
+    with pytest.raises(common.UserError, match="--dtype"):
+        common.pick_dtype(torch.device("cpu"), "float8")
+
+
+@pytest.mark.gemma
+def test_gemma_loads_from_cached_folder_without_the_gguf(gemma, monkeypatch):
+    """After the one-time conversion, load_model("gemma") reads the safetensors folder only."""
+    real_import = importlib.import_module
+
+    def no_gguf(name, *a, **k):
+        if name == common.GEMMA_PACKAGE:
+            raise AssertionError("the GGUF package was used again")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", no_gguf)
+    model, tok = common.load_model("gemma")
+    assert (common.gemma_dir() / "model.safetensors").exists()
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.dtype == torch.float32
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(268e6, rel=0.01)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 1, 0)
+    torch.testing.assert_close(model.get_output_embeddings().weight[:100], gemma[0].get_output_embeddings().weight[:100])

@@ -1,0 +1,79 @@
+"""Verifiers on tricky answers: each returns a reward in [0, 1] and a one-line feedback."""
+import pytest
+
+from common import Question, verify
+
+
+def mcq(answer="C"):
+    return Question("q", "c", "?", answer, "mcq", choices=["Routine review", "Same-day referral",
+                                                          "Emergency admission", "Reassure"])
+
+
+def num(answer="19", tolerance=None):
+    return Question("q", "c", "?", answer, "number", tolerance=tolerance)
+
+
+def text(answer="Paris"):
+    return Question("q", "c", "?", answer, "text")
+
+
+@pytest.mark.parametrize("completion, reward", [
+    (" C", 1.0),
+    (" C) Emergency admission", 1.0),
+    (" (C)", 1.0),
+    (" The answer is C because BP is above 160/110.", 1.0),
+    ("answer: c", 1.0),
+    (" A woman this sick needs C.", 1.0),           # the article "A" is not an answer
+    (" Emergency admission to hospital.", 1.0),     # option text, no letter
+    (" B) Same-day referral", 0.0),
+    (" B. Because ... so not C", 0.0),              # the first labelled letter counts
+    (" I don't know", 0.0),
+    (" C\n<introspection>A is wrong because</introspection>", 1.0),
+    ("<recall>Answer B if BP < 160</recall> C", 1.0),
+])
+def test_mcq_extraction(completion, reward):
+    r, fb = verify(mcq(), completion)
+    assert r == reward, fb
+    assert "\n" not in fb
+
+
+def test_mcq_feedback_names_expected_and_got():
+    assert verify(mcq(), " B)")[1] == "expected C, got B"
+    assert verify(mcq(), " no idea")[1] == "expected C, no option letter found"
+
+
+@pytest.mark.parametrize("completion, answer, reward", [
+    (" 19", "19", 1.0),
+    (" 12 + 7 = 19", "19", 1.0),                   # last number on the first line
+    (" 12 + 7 = 19\nQuestion: 3 + 3 = 6", "19", 1.0),
+    (" The answer is 19. (12 + 7)", "19", 1.0),
+    (" 1,000 metres", "1000", 1.0),
+    (" -3", "-3", 1.0),
+    (" 0.75", "3/4", 1.0),
+    (" 3/4", "0.75", 1.0),
+    (" 18", "19", 0.0),
+    (" nineteen", "19", 0.0),
+    (" 19.0000001", "19", 1.0),
+    (" 19.01", "19", 0.0),
+])
+def test_number_extraction(completion, answer, reward):
+    assert verify(num(answer), completion)[0] == reward
+
+
+def test_number_tolerance_field():
+    assert verify(num("100", tolerance=0.5), " 100.4")[0] == 1.0
+    assert verify(num("100", tolerance=0.5), " 100.6")[0] == 0.0
+    assert verify(num("19"), " 18")[1] == "expected 19, got 18"
+
+
+@pytest.mark.parametrize("completion, reward", [
+    (" Paris", 1.0),
+    (" paris.", 1.0),
+    (" Paris. It is also the largest city.", 1.0),
+    (" The Paris", 1.0),
+    (" Paris, Texas", 0.0),
+    (" London", 0.0),
+    ("", 0.0),
+])
+def test_text_extraction(completion, reward):
+    assert verify(text(), completion)[0] == reward
