@@ -185,20 +185,38 @@ def render_question(q) -> str:
     return text
 
 
+# A base model given a bare "Question: ... Answer:" often writes nothing or rambles; a few solved
+# examples fix the answer format (a letter, a number, one of the listed words) without teaching
+# any of the clusters' conventions. Used for base models only (the plain format).
+FORMAT_EXAMPLES = (
+    "Question: What colour is the sky on a clear day?\nA) green\nB) blue\nC) red\nD) black\nAnswer: B\n\n"
+    "Question: How many legs does a spider have? Answer with a number.\nAnswer: 8\n\n"
+    "Question: Which animal barks?\nA) cat\nB) dog\nC) cow\nD) bird\nAnswer: The animal that barks is the dog\n\n")
+
+
 def question_prompt(tok, q, lesson: str | None = None, instruction: str | None = None,
-                    chat: bool | None = None) -> str:
+                    chat: bool | None = None, examples: bool = True) -> str:
     """The prompt for question q, optionally with a lesson (introspection) injected before it.
 
-    Base models get a plain completion format ending in "Answer:"; models whose tokenizer has a
-    chat template get the same body as a user turn. chat=None decides by the tokenizer.
+    Base models get a plain completion format: FORMAT_EXAMPLES (unless examples=False), the
+    optional instruction and lesson, then "Question: ...\nAnswer:". Models whose tokenizer has a
+    chat template get the instruction, lesson and question as one user turn. chat=None decides
+    by the tokenizer.
     """
-    body = ""
+    if chat is None:
+        chat = bool(getattr(tok, "chat_template", None))
+    body = FORMAT_EXAMPLES if examples and not chat else ""
     if instruction:
         body += instruction.strip() + "\n\n"
     if lesson:
         body += f"Lesson: {lesson.strip()}\n\n"
     body += f"Question: {render_question(q)}\n"
-    return format_prompt(tok, body, chat=chat)
+    prompt = format_prompt(tok, body, chat=chat)
+    # A cloze cue ("In Brill, tesk means") lets a small base model copy the answer from a lesson in
+    # its context; without one it must map lesson -> option -> letter, which a 270M model cannot.
+    if q.cue:
+        prompt += (" " if not chat else "") + q.cue.strip()
+    return prompt
 
 
 def format_prompt(tok, body: str, chat: bool | None = None) -> str:
@@ -504,7 +522,8 @@ def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list
 #          2. else the first option letter written as a label: "(X)", "X)", "X.", "X:", or X
 #             alone on its line or at the very end. A bare capital "A" used as an article
 #             ("A woman ...") is not read as an answer.
-#          3. else an option's text, if the first line starts with it (case-insensitive).
+#          3. else an option's text, if the first line starts with it (case-insensitive): the
+#             answer to a question with a `cue` ("In Brill, tesk means" -> " fire, and ...").
 #   number "answer is N" / "answer: N" -> N; else the LAST number on the first non-empty line
 #          ("12 + 7 = 19" -> 19). Thousands separators are dropped; "3/4" reads as 0.75.
 #          Correct when |got - expected| <= tolerance (default 1e-6 + 1e-6 * |expected|).
@@ -597,6 +616,7 @@ class Question:
     subtype: str | None = None
     choices: list[str] | None = None
     lesson: str | None = None
+    cue: str | None = None
     tolerance: float | None = None
     meta: dict = field(default_factory=dict)
 
@@ -611,6 +631,7 @@ _FIELDS = {  # name: (required, accepted types, description)
     "subtype": (False, (str,), "a string"),
     "choices": (False, (list,), "a list of strings"),
     "lesson": (False, (str,), "a string"),
+    "cue": (False, (str,), "a string"),
     "tolerance": (False, (int, float), "a number"),
     "meta": (False, (dict,), "an object"),
 }

@@ -13,6 +13,8 @@ Q = common.Question("q", "c", "Which is largest?", "B", "mcq", choices=["1", "3"
 
 def test_plain_completion_format_for_base_models(tiny_tok):
     p = common.question_prompt(tiny_tok, Q, lesson="Compare digits.")
+    assert p.startswith(common.FORMAT_EXAMPLES + "Lesson: ")
+    p = common.question_prompt(tiny_tok, Q, lesson="Compare digits.", examples=False)
     assert p == "Lesson: Compare digits.\n\nQuestion: Which is largest?\nA) 1\nB) 3\nC) 2\nAnswer:"
     assert common.encode(tiny_tok, p)[0] == tiny_tok.bos_token_id
 
@@ -21,7 +23,7 @@ def test_chat_template_used_when_the_tokenizer_has_one():
     tok = make_char_tokenizer(chat_template="{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}"
                                             "{% endfor %}{% if add_generation_prompt %}<model>{% endif %}")
     p = common.question_prompt(tok, Q)
-    assert p.startswith("<bos><user>Question: Which is largest?") and p.endswith("<model>")
+    assert p.startswith("<bos><user>Question: Which is largest?") and p.endswith("<model>")  # no examples
     assert common.encode(tok, p).count(tok.bos_token_id) == 1     # BOS not added twice
     assert common.question_prompt(tok, Q, chat=False).endswith("Answer:")
 
