@@ -522,8 +522,9 @@ def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list
 #          2. else the first option letter written as a label: "(X)", "X)", "X.", "X:", or X
 #             alone on its line or at the very end. A bare capital "A" used as an article
 #             ("A woman ...") is not read as an answer.
-#          3. else an option's text, if the first line starts with it (case-insensitive): the
-#             answer to a question with a `cue` ("In Brill, tesk means" -> " fire, and ...").
+#          3. else an option's text, if the first line starts with it (case-insensitive, leading
+#             quotes and punctuation ignored): the answer to a question with a `cue`
+#             ("In Brill, tesk means" -> " fire, and ...").
 #   number "answer is N" / "answer: N" -> N; else the LAST number on the first non-empty line
 #          ("12 + 7 = 19" -> 19). Thousands separators are dropped; "3/4" reads as 0.75.
 #          Correct when |got - expected| <= tolerance (default 1e-6 + 1e-6 * |expected|).
@@ -558,6 +559,7 @@ def extract_letter(text: str, n_choices: int, choices: list[str] | None = None) 
     if m:
         return m.group(1) or m.group(2)
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "").lower()
+    first = re.sub(r"^[^\w]+", "", first)       # '"Fire."' reads as 'fire."'
     for i, c in enumerate(choices or []):
         if c.strip() and first.startswith(c.strip().lower()):
             return LETTERS[i]

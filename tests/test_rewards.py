@@ -25,6 +25,8 @@ def text(answer="Paris"):
     ("answer: c", 1.0),
     (" A woman this sick needs C.", 1.0),           # the article "A" is not an answer
     (" Emergency admission to hospital.", 1.0),     # option text, no letter
+    (' "Emergency admission."', 1.0),               # quoted option text
+    (" Routine review or emergency admission", 0.0),  # starts with option A's text
     (" B) Same-day referral", 0.0),
     (" B. Because ... so not C", 0.0),              # the first labelled letter counts
     (" I don't know", 0.0),
