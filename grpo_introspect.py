@@ -45,13 +45,17 @@ import common
 # ----------------------------------------------------------------------------
 # prompts
 
-# A base model has never seen the tag: one solved example shows the format, on a topic that is
-# none of the data's clusters. The lesson in it is about the domain, never about test-taking.
+# A base model has never seen the tag: two solved examples show the format, one per answer style
+# (a letter; words after a cue), on topics that are none of the data's clusters. Their lessons are
+# about the domain, never about test-taking. With one example the embedded Gemma wrote no
+# introspection in 32 rollouts; with these two, 14 of 32 (4 questions x 8, T=0.7).
 INTROSPECT_HINT = (
     "After the answer you may write a lesson that would help with similar questions, inside "
     "<introspection> and </introspection>.\n\n"
     "Question: In the game of Tarn, which piece moves first?\nA) the king\nB) the pawn\nC) the rook\n"
-    "Answer: C <introspection>In Tarn the rook always moves first, before any other piece.</introspection>")
+    "Answer: C <introspection>In Tarn the rook always moves first, before any other piece.</introspection>\n\n"
+    "Question: In the Orra tongue, what does the word sel mean?\nA) salt\nB) sun\nC) sea\n"
+    "Answer: In Orra, sel means sun. <introspection>In Orra, sel means sun and mar means sea.</introspection>")
 ROLLOUT_STOP = ["</introspection>", "\nQuestion:", "\n\n"]
 ANSWER_STOP = ["\n"]
 CORRECTION = "\nThat answer is wrong. Try again.\nAnswer:"
