@@ -25,7 +25,7 @@ Beyond the paper: paired sampling with its variance reduction logged, a 95% inte
 A_intro, --oracle (each cluster's known-good lesson scored through the same machinery), a canary
 with an alarm, a transfer matrix between sub-types, and --correction-turns with a meta-gaming flag.
 
-    python grpo_introspect.py --model gemma                        # default CPU run, ~15 min
+    python grpo_introspect.py --model gemma                        # default CPU run, ~10 min
     python grpo_introspect.py --model gemma --steps 40 --N 16 --M 8 --device cuda
     python grpo_introspect.py --out runs/NAME --resume              # continue after a kill or Ctrl-C
 """
@@ -72,7 +72,7 @@ def extract_introspection(tok, s: common.Sample) -> str | None:
         return None
     if "<introspection>" not in s.text:
         return None
-    body = s.text.split("<introspection>", 1)[1].strip()
+    body = s.text.rsplit("<introspection>", 1)[1].strip()       # a tag opened twice: keep the last
     return body or None
 
 
@@ -102,7 +102,7 @@ def paired_advantage(with_r: np.ndarray, base: np.ndarray) -> dict:
     n = len(d)
     var_paired = d.var(ddof=1) / n if n > 1 else float("nan")
     var_unpaired = (with_r.var(ddof=1) + base.var(ddof=1)) / n if n > 1 else float("nan")
-    return {**ci, "var_paired": var_paired, "var_unpaired": var_unpaired}
+    return {**ci, "var_paired": var_paired, "var_unpaired": var_unpaired, "diffs": d}
 
 
 def pg_loss(logprobs: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
@@ -149,8 +149,8 @@ def transfer_pool(questions, q, by):
 def main():
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
                                data="data/procedural.jsonl")
-    p.add_argument("--steps", type=int, default=8, help="training steps (one question Q each)")
-    p.add_argument("--N", type=int, default=8, help="rollouts on Q")
+    p.add_argument("--steps", type=int, default=20, help="training steps (one question Q each)")
+    p.add_argument("--N", type=int, default=16, help="rollouts on Q (the paper's N)")
     p.add_argument("--M", type=int, default=4, help="transfer rollouts per arm on each Q'")
     p.add_argument("--transfer-questions", type=int, default=1, help="K questions Q' per introspection")
     p.add_argument("--transfer-by", choices=["subtype", "cluster"], default="subtype")
@@ -164,7 +164,8 @@ def main():
     p.add_argument("--canary-every", type=int, default=4)
     p.add_argument("--canary-samples", type=int, default=4)
     p.add_argument("--save-every", type=int, default=1, help="checkpoint every this many steps")
-    p.add_argument("--oracle", action="store_true", help="also score each Q's known-good lesson every step")
+    p.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score Q's known-good lesson through the same machinery (no update)")
     p.add_argument("--correction-turns", type=int, default=0, help="multi-turn ablation: 'wrong, try again' turns")
     p.add_argument("--matrix-M", type=int, default=4, help="rollouts per arm in the final transfer matrix (0: skip)")
     p.add_argument("--include-controls", action="store_true", help="also train on negative-control clusters")
@@ -268,10 +269,11 @@ def main():
                                           np.concatenate([res[j][0] for j in range(len(Qp))])))
                 val.append(paired_advantage(res[-1][1][k], res[-1][0]))
         if args.oracle and Q.lesson:
-            rec["A_oracle"], rec["val_oracle"] = A.pop(), val.pop()
+            rec["A_oracle"], rec["val_oracle"] = [{k: v for k, v in x.pop().items() if k != "diffs"} for x in (A, val)]
         if A:
-            rec["A_intro"] = common.mean_ci([a["mean"] for a in A], binary=False)
-            rec["validation"] = common.mean_ci([v["mean"] for v in val], binary=False)
+            # pooled over every paired difference of the step: n = introspections x K x M
+            rec["A_intro"] = common.mean_ci(np.concatenate([a["diffs"] for a in A]), binary=False)
+            rec["validation"] = common.mean_ci(np.concatenate([v["diffs"] for v in val]), binary=False)
             vp, vu = np.nanmean([a["var_paired"] for a in A]), np.nanmean([a["var_unpaired"] for a in A])
             rec["paired_variance_ratio"] = float(vp / vu) if vu > 0 else None
 
