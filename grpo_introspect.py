@@ -268,14 +268,15 @@ def main():
                 A.append(paired_advantage(np.concatenate([res[j][1][k] for j in range(len(Qp))]),
                                           np.concatenate([res[j][0] for j in range(len(Qp))])))
                 val.append(paired_advantage(res[-1][1][k], res[-1][0]))
+        if A:  # how much pairing cuts the variance of the estimate, over every lesson scored (oracle too)
+            rec["var_paired"] = float(np.nansum([a["var_paired"] for a in A]))
+            rec["var_unpaired"] = float(np.nansum([a["var_unpaired"] for a in A]))
         if args.oracle and Q.lesson:
             rec["A_oracle"], rec["val_oracle"] = [{k: v for k, v in x.pop().items() if k != "diffs"} for x in (A, val)]
         if A:
             # pooled over every paired difference of the step: n = introspections x K x M
             rec["A_intro"] = common.mean_ci(np.concatenate([a["diffs"] for a in A]), binary=False)
             rec["validation"] = common.mean_ci(np.concatenate([v["diffs"] for v in val]), binary=False)
-            vp, vu = np.nanmean([a["var_paired"] for a in A]), np.nanmean([a["var_unpaired"] for a in A])
-            rec["paired_variance_ratio"] = float(vp / vu) if vu > 0 else None
 
         # ---- 5. policy gradient on the introspection tokens of positively scored rollouts
         upd = [(i, a["mean"]) for (i, _), a in zip(cands, A) if a["mean"] > 0]
@@ -347,15 +348,15 @@ def write_report(out, args, model, tok, library, pool):
                      f"{fmt(m.get('canary'), False)}{' ALARM' if m.get('canary_alarm') else ''} |")
     allA = [e["A_intro"]["mean"] for e in entries]
     allV = [e["validation"]["mean"] for e in entries]
-    ratios = [m["paired_variance_ratio"] for m in metrics if m.get("paired_variance_ratio")]
+    vp, vu = sum(m.get("var_paired", 0) for m in metrics), sum(m.get("var_unpaired", 0) for m in metrics)
     oracle = [m["A_oracle"]["mean"] for m in metrics if m.get("A_oracle")]
     lines += ["", "## Summary", "",
               f"- introspections scored: {len(entries)}; used for an update: {sum(e['used_for_update'] for e in entries)}",
               f"- regularisation advantage (A_intro on Q' != Q), mean over introspections: {fmt(common.mean_ci(allA, binary=False))}",
               f"- validation advantage (same question Q): {fmt(common.mean_ci(allV, binary=False))}",
               f"- oracle (known-good lesson) A on Q': {fmt(common.mean_ci(oracle, binary=False)) if oracle else 'not run (--oracle)'}",
-              f"- paired / unpaired variance of A_intro: {np.mean(ratios):.2f} (mean over {len(ratios)} steps)" if ratios else
-              "- paired / unpaired variance: no step scored an introspection",
+              f"- variance of the A estimates, paired / unpaired sampling: {vp / vu:.2f} (summed over every lesson scored)"
+              if vu > 0 else "- paired / unpaired variance: no lesson scored with any variance",
               f"- meta-gaming flagged: {sum(e['meta_gaming'] for e in entries)} of {len(entries)}"]
     by_turn = {}
     for e in entries:
