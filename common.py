@@ -736,15 +736,18 @@ BANK_SCHEMA, BANK_VERSION = "introspect-bank", 1
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
-    """Write JSON so that a kill at any instant leaves either the old file or the new one:
+    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that a kill at any instant leaves either the old file or the new one:
     write a temp file in the same folder, fsync it, rename it over the target, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -180,7 +180,7 @@ def main():
     train = [q for q in train if transfer_pool(pool, q, args.transfer_by)]
     if not train:
         raise common.UserError(f"{args.data}: no question has a Q' of the same {args.transfer_by} outside the canary set")
-    out = common.setup_run(args, "grpo_introspect") if not args.resume else Path(args.out)
+    out = common.setup_run(args, "grpo_introspect")
     order = [train[i] for i in np.random.default_rng(args.seed).permutation(len(train))]
     library_path, metrics_path = out / "library.json", out / "metrics.jsonl"
     library = common.load_bank(library_path, "introspection-library")
@@ -199,19 +199,19 @@ def main():
         library["entries"] = [e for e in library["entries"] if e["step"] < start]
         common.save_bank(library_path, library)
         if metrics_path.exists():
-            keep = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln).get("step", -1) < start]
-            common.atomic_write_json(out / ".metrics.tmp.json", keep)
-            metrics_path.write_text("".join(ln + "\n" for ln in keep))
-            (out / ".metrics.tmp.json").unlink()
+            keep = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] < start]
+            common.atomic_write_text(metrics_path, "".join(ln + "\n" for ln in keep))
         print(f"resuming {out} at step {start} ({len(library['entries'])} introspections in the library)")
     print(f"run folder: {out}\ntraining on {len(train)} questions, canary {len(canary)}, data {args.data}")
 
-    def canary_accuracy(step):
+    def canary_accuracy():
         res = score_lessons(model, tok, [(q, []) for q in canary], args.canary_samples, args.temperature,
                             seed=args.seed, max_new_tokens=args.answer_tokens, progress="canary")
         return common.mean_ci(np.concatenate([b for b, _ in res]))
 
-    canary0 = None
+    # the alarm compares with the run's first canary, also after a resume
+    canary0 = next((json.loads(ln)["canary"] for ln in metrics_path.read_text().splitlines()
+                    if "canary" in json.loads(ln)), None) if metrics_path.exists() else None
     bar = tqdm(range(start, args.steps), desc="GRPO steps", initial=start, total=args.steps)
     for step in bar:
         t0 = time.time()
@@ -221,7 +221,7 @@ def main():
 
         # ---- canary: accuracy on held-out questions without introspection (paper: collapse to "N/A")
         if step % args.canary_every == 0 or step == start:
-            c = canary_accuracy(step)
+            c = canary_accuracy()
             canary0 = canary0 or c
             rec["canary"] = c
             rec["canary_alarm"] = c["hi"] < canary0["mean"]
