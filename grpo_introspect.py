@@ -236,6 +236,7 @@ def main():
                                  temperature=args.temperature, stop=ROLLOUT_STOP, seed=seed, progress="rollouts on Q")
         rewards = [common.verify(Q, s.text)[0] for s in rollouts]
         turns = [0] * args.N
+        first_try = common.mean_ci(rewards)
         for turn in range(1, args.correction_turns + 1):
             wrong = [i for i, r in enumerate(rewards) if r == 0]
             if not wrong:
@@ -243,22 +244,25 @@ def main():
             retry = [prompts[i] + rollouts[i].text + CORRECTION for i in wrong]
             again = common.sample(model, tok, retry, n=1, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, stop=ROLLOUT_STOP, seed=seed + turn)
-            for i, s in zip(wrong, again):
-                prompts[i], rollouts[i], turns[i] = retry[wrong.index(i)], s, turn
-                rewards[i] = common.verify(Q, s.text)[0]
+            for i, p_i, s in zip(wrong, retry, again):
+                prompts[i], rollouts[i], turns[i], rewards[i] = p_i, s, turn, common.verify(Q, s.text)[0]
+        if args.correction_turns:
+            rec["correct_by_turn"] = [sum(1 for i in range(args.N) if turns[i] == t and rewards[i] == 1)
+                                      for t in range(args.correction_turns + 1)]
         intros = [(i, extract_introspection(tok, s)) for i, s in enumerate(rollouts)]
         wrote = [i for i, r in intros if r is not None]
-        rec.update(accuracy_Q=common.mean_ci(rewards), introspected=len(wrote) / args.N,
-                   intro_len=float(np.mean([len(rollouts[i].token_ids) for i in wrote])) if wrote else 0.0)
+        rec.update(accuracy_Q=common.mean_ci(rewards), accuracy_Q_first_turn=first_try,
+                   introspected=len(wrote) / args.N,
+                   intro_tokens=float(np.mean([sum(introspection_mask(tok, rollouts[i].token_ids))
+                                               for i in wrote])) if wrote else 0.0)
 
         # ---- 2. introspections from successful rollouts
         cands = [(i, r) for i, r in intros if r is not None and rewards[i] == 1][:args.max_intros]
         lessons = [r for _, r in cands]
 
         # ---- 3-4. transfer to K questions Q' (and validation on Q itself), paired
-        rng = random.Random(seed)
-        Qp = rng.sample(transfer_pool(pool, Q, args.transfer_by),
-                        min(args.transfer_questions, len(transfer_pool(pool, Q, args.transfer_by))))
+        same_type = transfer_pool(pool, Q, args.transfer_by)
+        Qp = random.Random(seed).sample(same_type, min(args.transfer_questions, len(same_type)))
         scored = lessons + ([Q.lesson] if args.oracle and Q.lesson else [])
         A, val = [], []
         if scored:

@@ -174,7 +174,7 @@ def generate(per_subtype: int, seed: int) -> list[dict]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--per-subtype", type=int, default=8)
+    p.add_argument("--per-subtype", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).with_name("procedural.jsonl")))
     args = p.parse_args()

@@ -74,3 +74,32 @@ def test_stage_script_prints_one_line_without_traceback(tmp_path):
     assert "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {p}:2: invalid JSON"), r.stderr
+
+
+def test_procedural_data_regenerates_from_the_script(tmp_path):
+    out = tmp_path / "p.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "data" / "make_procedural.py"), "--out", str(out)],
+                   check=True, capture_output=True)
+    assert out.read_text() == (ROOT / "data" / "procedural.jsonl").read_text()
+
+
+def test_procedural_families_have_distinct_subtype_lessons_and_composed_questions():
+    qs = common.load_questions(ROOT / "data" / "procedural.jsonl")
+    lessons = {}
+    for q in qs:
+        lessons.setdefault(q.cluster, {}).setdefault(q.subtype, set()).add(q.lesson)
+    for cluster, subs in lessons.items():
+        assert all(len(v) == 1 for v in subs.values()), f"{cluster}: one lesson per sub-type"
+        if cluster != "composed":
+            assert len(subs) >= 2 and len({next(iter(v)) for v in subs.values()}) == len(subs), cluster
+    composed = [q for q in qs if q.cluster == "composed"]
+    assert composed and all(len(q.meta["components"]) == 2 for q in composed)
+    own = {f"{q.cluster}/{q.subtype}": q.lesson for q in qs}
+    assert all(q.lesson == " ".join(own[c] for c in q.meta["components"]) for q in composed)
+
+
+def test_shipped_obstetrics_set_matches_the_issue():
+    qs = common.load_questions(ROOT / "data" / "obstetrics.jsonl")
+    assert len(qs) >= 40 and len({q.cluster for q in qs}) >= 6
+    assert all(q.answer_type == "mcq" and 4 <= len(q.choices) <= 5 and q.lesson for q in qs)
+    assert {q.subtype for q in qs if q.cluster == "pre-eclampsia"} == {"A", "B", "C", "D"}
