@@ -22,10 +22,11 @@ Deliberate simplifications against textbook GRPO, all as in the paper:
      forward/backward at all; a non-finite loss skips the update and is logged.
 
 Beyond the paper: paired sampling with its variance reduction logged, a 95% interval on every
-A_intro, --oracle (each cluster's known-good lesson scored through the same machinery), a canary
+A_intro, the oracle (Q's known-good lesson scored through the same machinery; on by default,
+--no-oracle to skip), a canary
 with an alarm, a transfer matrix between sub-types, and --correction-turns with a meta-gaming flag.
 
-    python grpo_introspect.py --model gemma                        # default CPU run, ~10 min
+    python grpo_introspect.py --model gemma                        # default CPU run, ~5 min
     python grpo_introspect.py --model gemma --steps 40 --N 16 --M 8 --device cuda
     python grpo_introspect.py --out runs/NAME --resume              # continue after a kill or Ctrl-C
 """
@@ -34,7 +35,6 @@ import json
 import random
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -306,7 +306,7 @@ def main():
 
         # ---- record: library first, then checkpoint, so a kill between them only repeats a step
         updated = {i for i, _ in upd}
-        for k, ((i, r), a, v) in enumerate(zip(cands, A, val)):
+        for (i, r), a, v in zip(cands, A, val):
             library["entries"].append({
                 "id": f"s{step:04d}-r{i:02d}", "text": r, "cluster": Q.cluster, "subtype": Q.subtype,
                 "source_question": Q.id, "step": step, "turn": turns[i],

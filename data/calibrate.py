@@ -17,7 +17,6 @@ lies wholly above the base arm's; `weak` when only the oracle advantage's interv
     python data/calibrate.py --data data/procedural.jsonl data/obstetrics.jsonl --samples 16
 """
 import argparse
-import json
 import os
 import platform
 import sys

@@ -1,6 +1,5 @@
 """grpo_introspect.py: the advantage, the loss, the introspection mask, and a resumable run."""
 import json
-import os
 import signal
 import subprocess
 import sys
