@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,6 +252,15 @@ def row_seed(seed: int, prompt_idx: int, sample_idx: int) -> int:
     """The default seed of one sample row: a function of (seed, prompt, sample) only, so a row's
     random numbers do not depend on which other rows share its batch."""
     return int(np.random.SeedSequence([seed, prompt_idx, sample_idx]).generate_state(1)[0])
+
+
+def stream_seed(seed: int, stream: str, *keys: int) -> int:
+    """A seed for one purpose: stream_seed(seed, "rollout", step), stream_seed(seed, "transfer",
+    step, qi). Each purpose (sampling on Q, scoring lessons, canary, report, evaluation...) gets
+    its own stream, so the noise that selected a lesson is never reused to evaluate it. The stream
+    name enters the SeedSequence as its CRC32, so two names cannot share a stream unless their
+    CRC32s collide (tests/test_stats.py checks the ones in use)."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(stream.encode()), *keys]).generate_state(1)[0])
 
 
 def draw_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float):
@@ -706,24 +716,129 @@ def load_questions(path: str | Path) -> list[Question]:
 # statistics
 
 
-def mean_ci(values, binary: bool | None = None) -> dict:
-    """{"mean", "lo", "hi", "n"}: a 95% interval. Wilson for 0/1 values (honest near 0 and 1),
-    normal approximation with the sample standard deviation otherwise."""
+# Two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30; beyond 30 the Cornish-Fisher
+# expansion below is accurate to 1e-4. Kept as a table so numpy is all we need (no scipy).
+_T975 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423]
+Z975 = 1.959964
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with df degrees of freedom."""
+    if df < 1:
+        return float("inf")
+    if df <= 30:
+        return _T975[df - 1]
+    z = Z975
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def wilson(k: float, n: int) -> tuple[float, float]:
+    """95% Wilson score interval for k successes in n independent 0/1 trials."""
+    if n == 0:
+        return float("nan"), float("nan")
+    m, z = k / n, Z975
+    d = 1 + z * z / n
+    c = (m + z * z / (2 * n)) / d
+    h = z * math.sqrt(max(m * (1 - m), 0.0) / n + z * z / (4 * n * n)) / d
+    return c - h, c + h
+
+
+def mean_ci(values, binary: bool) -> dict:
+    """{"mean", "lo", "hi", "n"}: a 95% interval for the mean of INDEPENDENT values.
+
+    The caller says what the values are: binary=True (0/1 rewards) gives a Wilson interval, honest
+    near 0 and 1; binary=False gives a Student-t interval (at n=4 a normal z interval covers only
+    ~85%). Values that share a question are not independent: use cluster_bootstrap_ci for them.
+    An interval that cannot be computed (n < 2, or no variation in non-binary values) is flagged
+    with "note" rather than given zero width."""
     x = np.asarray(list(values), dtype=float)
     n = int(x.size)
     if n == 0:
         return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
     m = float(x.mean())
-    if binary is None:
-        binary = bool(np.all((x == 0) | (x == 1)))
-    z = 1.959964
     if binary:
-        d = 1 + z * z / n
-        c = (m + z * z / (2 * n)) / d
-        h = z * math.sqrt(m * (1 - m) / n + z * z / (4 * n * n)) / d
-        return {"mean": m, "lo": c - h, "hi": c + h, "n": n}
-    h = z * float(x.std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
+        if not np.all((x == 0) | (x == 1)):
+            raise ValueError("mean_ci(binary=True) got values other than 0 and 1")
+        lo, hi = wilson(float(x.sum()), n)
+        return {"mean": m, "lo": lo, "hi": hi, "n": n}
+    sd = float(x.std(ddof=1)) if n > 1 else 0.0
+    if n < 2 or sd == 0:
+        return {"mean": m, "lo": float("nan"), "hi": float("nan"), "n": n,
+                "note": f"no interval: n={n}" if n < 2 else f"no interval: all {n} values equal"}
+    h = t975(n - 1) * sd / math.sqrt(n)
     return {"mean": m, "lo": m - h, "hi": m + h, "n": n}
+
+
+def paired_binary_ci(a, b) -> dict:
+    """95% interval for mean(a) - mean(b) where (a_i, b_i) are paired 0/1 outcomes: Newcombe's
+    hybrid score interval (Newcombe 1998, "Improved confidence intervals for the difference
+    between binomial proportions based on paired data", method 10). Unlike a t interval on the
+    differences it never has zero width: four pairs that all differ by 1 give about [+0.2, +1.0],
+    and four equal pairs about [-0.5, +0.5]."""
+    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    n = len(a)
+    if n == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    if not np.all(np.isin(a, (0, 1)) & np.isin(b, (0, 1))):
+        raise ValueError("paired_binary_ci needs 0/1 values")
+    e, f = float(np.sum((a == 1) & (b == 1))), float(np.sum((a == 1) & (b == 0)))
+    g, h = float(np.sum((a == 0) & (b == 1))), float(np.sum((a == 0) & (b == 0)))
+    p1, p2 = (e + f) / n, (e + g) / n
+    l1, u1 = wilson(e + f, n)
+    l2, u2 = wilson(e + g, n)
+    den = (e + f) * (g + h) * (e + g) * (f + h)
+    # Newcombe's corrected phi: a positive correlation is shrunk by n/2, without which perfectly
+    # correlated pairs (every pair equal) would give an interval of zero width.
+    num = e * h - f * g
+    num = max(num - n / 2, 0.0) if num > 0 else num
+    phi = num / math.sqrt(den) if den > 0 else 0.0
+    d = p1 - p2
+    lo = d - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    hi = d + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return {"mean": d, "lo": max(lo, -1.0), "hi": min(hi, 1.0), "n": n}
+
+
+def cluster_bootstrap_ci(groups, seed: int = 0, n_boot: int = 2000) -> dict:
+    """95% percentile interval for the mean of values that come in clusters (samples of one
+    question, paired differences on one Q'): resample clusters with replacement, then values
+    within each chosen cluster, and take the pooled mean. groups: list of 1-D arrays, one per
+    cluster (ragged allowed). The reported n is values, with n_clusters beside it: 11 questions x
+    4 samples are 44 values but nowhere near 44 independent draws.
+
+    An interval of zero width (every value equal) is flagged with "note": the bootstrap cannot see
+    variation that was never observed, so it says nothing about n that small."""
+    groups = [np.asarray(g, float).ravel() for g in groups if len(g)]
+    n, C = sum(len(g) for g in groups), len(groups)
+    if n == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0, "n_clusters": 0}
+    m = float(np.concatenate(groups).mean())
+    rng = np.random.default_rng(seed)
+    boot = np.empty(n_boot)
+    for i in range(n_boot):
+        tot = cnt = 0.0
+        for c in rng.integers(0, C, C):
+            g = groups[c]
+            tot += g[rng.integers(0, len(g), len(g))].sum()
+            cnt += len(g)
+        boot[i] = tot / cnt
+    lo, hi = float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+    out = {"mean": m, "lo": lo, "hi": hi, "n": n, "n_clusters": C}
+    if hi - lo == 0:
+        out["note"] = f"no interval: no variation in {n} values ({C} clusters)"
+    return out
+
+
+def fmt_ci(ci, signed: bool = True) -> str:
+    """'+0.12 [-0.05, +0.30] (n=16)': how every stage prints an estimate; says so when there is none."""
+    if not ci or ci.get("n", 0) == 0:
+        return "-"
+    s = "+" if signed else ""
+    n = f"n={ci['n']}" + (f", {ci['n_clusters']} clusters" if "n_clusters" in ci else "")
+    if ci.get("note") or not np.isfinite(ci["lo"]):
+        return f"{ci['mean']:{s}.2f} ({ci.get('note', 'no interval')}; {n})"
+    return f"{ci['mean']:{s}.2f} [{ci['lo']:{s}.2f}, {ci['hi']:{s}.2f}] ({n})"
 
 
 # ----------------------------------------------------------------------------
@@ -864,6 +979,77 @@ def add_common_args(p: argparse.ArgumentParser, data: str | None = None) -> argp
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     return p
+
+
+# Flag checks. Every stage runs its checks right after parse_args, before anything is loaded or
+# written, so a mistyped flag costs nothing: "error: --N 0: must be at least 1", exit 2.
+
+
+def flag_error(flag: str, value, why: str) -> UserError:
+    return UserError(f"--{flag.replace('_', '-')} {value}: {why}")
+
+
+def check_at_least(args, names, minimum: int = 1) -> None:
+    """Counts (N, M, steps, epochs, samples, batch size...) must be at least `minimum`."""
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and v < minimum:
+            raise flag_error(name, v, f"must be at least {minimum}")
+
+
+def check_positive(args, names) -> None:
+    """Learning rates, temperatures where log-probs are trained, clip norms: > 0 and finite."""
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise flag_error(name, v, "must be a number greater than 0")
+
+
+def check_prob(args, names) -> None:
+    """Probabilities such as top-p: in (0, 1]."""
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and not (0 < v <= 1):
+            raise flag_error(name, v, "must be in (0, 1]")
+
+
+def check_open_interval(args, names, lo: float = 0.0, hi: float = 1.0) -> None:
+    """Fractions such as --holdout: strictly between lo and hi."""
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and not (lo < v < hi):
+            raise flag_error(name, v, f"must be strictly between {lo:g} and {hi:g}")
+
+
+def check_device(device: str | None) -> None:
+    """--device must name a device this torch can use; say what is available instead of letting
+    torch raise an assertion deep inside the first .to()."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise flag_error("device", device, "not a device name (cpu, cuda, cuda:1, ...)") from None
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    avail = "cpu" + "".join(f", cuda:{i}" for i in range(n_cuda))
+    if dev.type == "cuda":
+        if n_cuda == 0:
+            built = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise flag_error("device", device, f"{built} (torch {torch.__version__}); available: {avail}. "
+                             "For a GPU, install a CUDA build of torch first (README, 'GPU or another model')")
+        if dev.index is not None and dev.index >= n_cuda:
+            raise flag_error("device", device, f"no such GPU; available: {avail}")
+    elif dev.type != "cpu":
+        raise flag_error("device", device, f"unsupported device type; available: {avail}")
+
+
+def check_common_args(args) -> None:
+    """The flags of add_common_args: device and dtype names, and a non-negative seed."""
+    check_device(args.device)
+    if args.dtype is not None:
+        pick_dtype(torch.device("cpu"), args.dtype)
+    if args.seed < 0:
+        raise flag_error("seed", args.seed, "must be 0 or more")
 
 
 def setup_run(args, stage: str) -> Path:

@@ -207,7 +207,7 @@ def main():
     def canary_accuracy():
         res = score_lessons(model, tok, [(q, []) for q in canary], args.canary_samples, args.temperature,
                             seed=args.seed, max_new_tokens=args.answer_tokens, progress="canary")
-        return common.mean_ci(np.concatenate([b for b, _ in res]))
+        return common.mean_ci(np.concatenate([b for b, _ in res]), binary=True)
 
     # the alarm compares with the run's first canary, also after a resume
     canary0 = next((json.loads(ln)["canary"] for ln in metrics_path.read_text().splitlines()
@@ -236,7 +236,7 @@ def main():
                                  temperature=args.temperature, stop=ROLLOUT_STOP, seed=seed, progress="rollouts on Q")
         rewards = [common.verify(Q, s.text)[0] for s in rollouts]
         turns = [0] * args.N
-        first_try = common.mean_ci(rewards)
+        first_try = common.mean_ci(rewards, binary=True)
         for turn in range(1, args.correction_turns + 1):
             wrong = [i for i, r in enumerate(rewards) if r == 0]
             if not wrong:
@@ -251,7 +251,7 @@ def main():
                                       for t in range(args.correction_turns + 1)]
         intros = [(i, extract_introspection(tok, s)) for i, s in enumerate(rollouts)]
         wrote = [i for i, r in intros if r is not None]
-        rec.update(accuracy_Q=common.mean_ci(rewards), accuracy_Q_first_turn=first_try,
+        rec.update(accuracy_Q=common.mean_ci(rewards, binary=True), accuracy_Q_first_turn=first_try,
                    introspected=len(wrote) / args.N,
                    intro_tokens=float(np.mean([sum(introspection_mask(tok, rollouts[i].token_ids))
                                                for i in wrote])) if wrote else 0.0)
