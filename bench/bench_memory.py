@@ -42,6 +42,10 @@ def main():
     p.add_argument("--fixed-length", action=argparse.BooleanOptionalAction, default=True,
                    help="force every rollout to --max-new-tokens (default) or let them stop as in training")
     args = p.parse_args()
+    common.check_device(args.device)
+    common.check_at_least(args, ["steps", "N", "max_new_tokens"], 1)
+    if not os.path.exists(args.data):
+        raise common.UserError(f"--data {args.data}: no such data file")
     model, tok = common.load_model(args.model, args.device, args.dtype)
     dev = next(model.parameters()).device
     q = common.load_questions(args.data)[0]
@@ -76,4 +80,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -91,6 +91,9 @@ def main():
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--report", default="data/calibration.md")
     args = p.parse_args()
+    common.check_common_args(args)
+    common.check_at_least(args, ["samples", "max_new_tokens", "bootstrap"], 1)
+    common.check_positive(args, ["temperature"])
     sets = {path: common.load_questions(path) for path in args.data}   # bad data fails before the model
     model, tok = common.load_model(args.model, args.device, args.dtype)
     rng = np.random.default_rng(args.seed)

@@ -23,7 +23,11 @@ expected to apply those lessons.
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
 
 # (cluster, sub-type) -> (lesson, table key -> answer, question template, cue template)
 LOOKUPS = {
@@ -178,12 +182,13 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).with_name("procedural.jsonl")))
     args = p.parse_args()
+    common.check_at_least(args, ["per_subtype"], 2)      # every sub-type needs a Q' != Q
+    if args.seed < 0:
+        raise common.flag_error("seed", args.seed, "must be 0 or more")
     rows = generate(args.per_subtype, args.seed)
-    with open(args.out, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    common.atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} questions to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)
