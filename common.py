@@ -80,7 +80,7 @@ def cache_dir() -> Path:
 def gemma_dir() -> Path:
     """The embedded Gemma 3 270M as a plain HF folder, converted from the PyPI GGUF on first use.
 
-    Two traps (see NOTES.md): a GGUF-loaded model refuses save_pretrained, so we rebuild a fresh
+    Two traps (docs/facts.md): a GGUF-loaded model refuses save_pretrained, so we rebuild a fresh
     model from the config with quantization_config removed and load the dequantised weights into
     it; and loading the GGUF costs ~40 s, so this runs once and later calls load the folder (~3 s).
     """
@@ -155,6 +155,7 @@ def load_model(name: str = "gemma", device: str | None = None, dtype: str | None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.to(dev).eval()
+    check_lm_head(model)     # ~0.1 s: training log-probs must equal the model's own
     return model, tok
 
 
@@ -268,7 +269,7 @@ def draw_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
     exceeds u * total. One uniform per row (u, shape (B,)) makes sampling a monotone function of u,
     so two calls given the same u draw the same token wherever their distributions are close:
     that is what paired (common-random-number) comparisons rely on. It is also ~20x cheaper than
-    torch.multinomial at a 262k vocabulary (NOTES.md).
+    torch.multinomial at a 262k vocabulary (docs/facts.md).
 
     Top-p keeps the smallest set of most likely tokens whose mass reaches top_p, found with
     topk(64) and falling back to a full sort only for rows whose nucleus is wider than that.
@@ -276,6 +277,9 @@ def draw_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
     temperature == 0 is greedy; its log-probs are those at temperature 1.
     """
     logits = logits.float()                                                  # (B, V)
+    # u comes from float64 uniforms in [0, 1), but one that rounds to 1.0 in float32 would select
+    # past the end of the CDF; keep it strictly below 1 (the largest float32 under 1).
+    u = u.float().clamp(0.0, 1.0 - 2.0 ** -24)
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
@@ -283,7 +287,10 @@ def draw_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
     if top_p >= 1.0:
         cdf = probs.cumsum(-1)                                               # (B, V), vocab order
         idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-        tokens = idx.clamp_max(probs.shape[-1] - 1)
+        # Rounding in the float32 cumsum could still land past the last token with probability >
+        # 0 (the tail of the vocabulary often has probability exactly 0): clamp to that token.
+        last_nz = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)  # (B,)
+        tokens = torch.minimum(idx, last_nz)
         return tokens, probs.gather(1, tokens[:, None])[:, 0].log()
     V = probs.shape[-1]
     for k in (64, 1024, V):
@@ -449,7 +456,7 @@ def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list
     one chunk's logits, in the forward and again in the backward.
 
     The mask is built by position, never by token id, so an EOS equal to the pad id is still
-    trained (NOTES.md trap). Use the sampler's temperature: scoring at another temperature makes
+    trained (a trap other GRPO codebases fell into; docs/facts.md). Use the sampler's temperature: scoring at another temperature makes
     the log-probs of a different distribution.
 
     Returns a dict:
@@ -458,6 +465,9 @@ def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list
       with extra_ids (B, Tc, k): extra_logprobs (B, Tc, k) at those token ids (with grad; for a
       student scored on a teacher's top-k).
     """
+    if not temperature > 0:
+        raise ValueError(f"token_logprobs: temperature must be > 0 (got {temperature}); log-probs are "
+                         f"divided by it. Train at the temperature the rollouts were sampled at.")
     device = next(model.parameters()).device
     B = len(prompt_ids)
     lens = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
@@ -522,13 +532,53 @@ def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list
     return out
 
 
+# Config attributes some architectures use to scale logits after the LM head (Cohere's
+# logit_scale, Granite's logits_scaling, muP-style output multipliers). token_logprobs applies only
+# Gemma's final_logit_softcapping, so a model with any of these would get wrong log-probs.
+_LOGIT_SCALERS = ("logit_scale", "logits_scaling", "output_multiplier", "logit_scaling",
+                  "mup_width_multiplier", "final_logit_scale")
+
+
+def check_lm_head(model, tol: float | None = None) -> float:
+    """token_logprobs re-implements the LM head (hidden -> logits -> softcap -> log-softmax) so that
+    full (B, T, V) logits never exist. Check that once against model(...).logits: refuse heads it
+    does not handle (a bias, a logit scale) and compare the log-probs of a short random sequence.
+    Returns the largest absolute difference; raises UserError if it exceeds tol."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise UserError(f"{type(model).__name__}: the LM head has a bias, which token_logprobs does not apply")
+    cfg = model.config
+    for name in _LOGIT_SCALERS:
+        v = getattr(cfg, name, None)
+        if v not in (None, 1, 1.0):
+            raise UserError(f"{type(model).__name__}: config.{name}={v} scales the logits, which "
+                            f"token_logprobs does not apply")
+    p = next(model.parameters())
+    tol = tol if tol is not None else (1e-3 if p.dtype == torch.float32 else 5e-2)
+    V = head.weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, V, (1, 8), generator=g)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=ids.to(p.device)).logits.float(), -1)[0]   # (8, V)
+        ref = ref[torch.arange(3, 7), ids[0, 4:8].to(p.device)]                           # (4,)
+        got = token_logprobs(model, [ids[0, :4].tolist()], [ids[0, 4:].tolist()])["logprobs"][0]
+    err = float((ref - got).abs().max())
+    if not err <= tol:
+        raise UserError(f"{type(model).__name__}: token_logprobs differs from model(...).logits by "
+                        f"{err:.2e} (> {tol:g}): its LM head is not the plain linear + softcap this code handles")
+    return err
+
+
 # ----------------------------------------------------------------------------
 # rewards
 #
 # Answer extraction rules (what verify() reads from a completion):
 #   0. Only the answer region counts: any <recall>...</recall> block is removed, and everything
 #      from <introspection> on is dropped.
-#   mcq    1. "answer is X" / "answer: X" / "Answer: (X)" anywhere -> X.
+#   mcq    Option letters are capitals only: "the answer is a stone" is not option A.
+#          For a question with a `cue` only the first line is read, so an option list the model
+#          echoes after its answer (" stone\nA) water") is not read as A.
+#          1. "answer is X" / "answer: X" / "Answer: (X)" anywhere -> X.
 #          2. else the first option letter written as a label: "(X)", "X)", "X.", "X:", or X
 #             alone on its line or at the very end. A bare capital "A" used as an article
 #             ("A woman ...") is not read as an answer.
@@ -562,9 +612,10 @@ def _to_number(s: str) -> float | None:
 
 def extract_letter(text: str, n_choices: int, choices: list[str] | None = None) -> str | None:
     valid = LETTERS[:n_choices]
-    m = re.search(rf"answer\s*(?:is|:)\s*\(?([{valid}])\b", text, flags=re.I)
+    # "answer" in any case, the letter a capital only (re.I would read "is a stone" as A)
+    m = re.search(rf"(?i:answer)\s*(?:(?i:is)|:)\s*\(?([{valid}])\b", text)
     if m:
-        return m.group(1).upper()
+        return m.group(1)
     m = re.search(rf"\(([{valid}])\)|(?<![\w(])([{valid}])(?:[).:]|\s*$)", text, flags=re.M)
     if m:
         return m.group(1) or m.group(2)
@@ -594,6 +645,8 @@ def verify(q, completion: str) -> tuple[float, str]:
     """(reward in [0, 1], one-line feedback) for a completion to question q."""
     text = answer_region(completion)
     if q.answer_type == "mcq":
+        if q.cue:
+            text = next((ln for ln in text.splitlines() if ln.strip()), "")
         got = extract_letter(text, len(q.choices), q.choices)
         if got is None:
             return 0.0, f"expected {q.answer}, no option letter found"
@@ -908,37 +961,86 @@ def save_bank(path: str | Path, bank: dict) -> None:
 # checkpoints, metrics, run setup
 
 
+def crash_due(name: str) -> bool:
+    """Fault injection for the crash-safety tests: with INTROSPECT_CRASH=name:k in the environment,
+    True the k-th time (1-based) this process reaches the point `name`. Always False otherwise."""
+    spec = os.environ.get("INTROSPECT_CRASH")
+    if not spec or not spec.startswith(name + ":"):
+        return False
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    return _CRASH_COUNTS[name] == int(spec.split(":", 1)[1])
+
+
+def crash_point(name: str) -> None:
+    """Die here with SIGKILL when crash_due(name): as an OOM killer or a power cut would, with no
+    chance to clean up."""
+    if crash_due(name):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), 9)
+
+
+_CRASH_COUNTS: dict[str, int] = {}
+
+
 def save_checkpoint(out: str | Path, model, tok, optimizer=None, step: int = 0, extra: dict | None = None):
     """out/checkpoint/: an HF folder (safetensors) that from_pretrained reloads, and
-    out/checkpoint/resume.pt: step, optimizer and RNG states. Swapped in by rename, so a kill
-    mid-save leaves the previous checkpoint."""
+    out/checkpoint/resume.pt: step, optimizer and RNG states.
+
+    Crash safety: everything is written to checkpoint.tmp/, resume.pt last and atomically (so a
+    folder with a resume.pt is complete); then checkpoint/ -> checkpoint.old/ and checkpoint.tmp/
+    -> checkpoint/ by rename. A kill at any instant leaves at least one complete folder among the
+    three, and find_checkpoint() picks the newest complete one."""
     out = Path(out)
-    final, tmp = out / "checkpoint", out / "checkpoint.tmp"
+    final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                "extra": extra or {}}, tmp / "resume.pt")
-    old = out / "checkpoint.old"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
+    state = {"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                     "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+             "extra": extra or {}}
+    torch.save(state, tmp / "resume.pt.part")
+    os.replace(tmp / "resume.pt.part", tmp / "resume.pt")
     if old.exists():
         shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    crash_point("checkpoint_between_renames")
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, after a kill at any point of save_checkpoint:
+    checkpoint/ if complete, else checkpoint.tmp/ (finished but not yet renamed), else
+    checkpoint.old/. The one found is renamed to checkpoint/ and the others removed, so the run
+    folder is back to its normal shape. None if there is no complete checkpoint."""
+    out = Path(out)
+    final = out / "checkpoint"
+    cands = [d for d in (final, out / "checkpoint.tmp", out / "checkpoint.old") if (d / "resume.pt").exists()]
+    if not cands:
+        return None
+    best = max(cands, key=lambda d: torch.load(d / "resume.pt", weights_only=False)["step"])
+    if best != final:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(best, final)
+    for d in (out / "checkpoint.tmp", out / "checkpoint.old"):
+        shutil.rmtree(d, ignore_errors=True)
+    return final
 
 
 def load_resume_state(out: str | Path, optimizer=None) -> dict | None:
-    """Restore optimizer and RNG states from out/checkpoint/resume.pt; returns the saved dict
-    (with "step" and "extra"), or None if there is no checkpoint. Load the weights themselves
-    with load_model(str(out / "checkpoint"))."""
-    p = Path(out) / "checkpoint" / "resume.pt"
-    if not p.exists():
+    """Restore optimizer and RNG states from the run's newest complete checkpoint (find_checkpoint);
+    returns the saved dict (with "step" and "extra"), or None if there is none. Load the weights
+    themselves with load_model(str(find_checkpoint(out)))."""
+    ck = find_checkpoint(out)
+    if ck is None:
         return None
-    state = torch.load(p, weights_only=False)
+    state = torch.load(ck / "resume.pt", weights_only=False)
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     rng = state["rng"]
@@ -950,9 +1052,40 @@ def load_resume_state(out: str | Path, optimizer=None) -> dict | None:
     return state
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a metrics-style JSONL file. A torn LAST line (a kill mid-append) is dropped
+    with a warning; a bad line anywhere else is an error naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = []
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i == len(lines):
+                print(f"warning: {path}:{i}: torn last line (a kill mid-write?) dropped", file=sys.stderr)
+                break
+            raise UserError(f"{path}:{i}: not valid JSON; the file is damaged") from None
+    return out
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Replace a JSONL file atomically (on resume, to drop the rows of steps being redone)."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
+    line = json.dumps(record, ensure_ascii=False) + "\n"
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if crash_due("torn_jsonl"):             # test only: the half line a kill mid-append leaves
+            f.write(line[:len(line) // 2])
+            f.flush()
+            os.kill(os.getpid(), 9)
+        f.write(line)
         f.flush()
 
 
@@ -1052,14 +1185,53 @@ def check_common_args(args) -> None:
         raise flag_error("seed", args.seed, "must be 0 or more")
 
 
-def setup_run(args, stage: str) -> Path:
-    """Create the run folder, seed everything, and write config.json (the whole config, as nanoGPT logs it)."""
+def command_line() -> str:
+    """The command as typed (sys.argv), quoted so that it runs as printed."""
+    import shlex
+    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+
+
+# Flags a resumed run may change: how long it runs, and where (not what it computes).
+RESUME_MAY_DIFFER = ("steps", "epochs", "resume", "device")
+
+
+def setup_run(args, stage: str, may_differ=RESUME_MAY_DIFFER) -> Path:
+    """Create the run folder, seed everything, and write config.json (the whole config, as nanoGPT
+    logs it, with the command line). A fresh run refuses a folder that already holds files (it would
+    merge two runs); --resume refuses flags that differ from the saved config.json, other than
+    `may_differ`, and names them."""
     if args.resume and not args.out:
         raise UserError("--resume needs --out pointing at the run to continue")
     out = Path(args.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if args.resume and not out.exists():
-        raise UserError(f"--resume: {out} does not exist")
+    config = {"stage": stage, **vars(args)}
+    if args.resume:
+        if not (out / "config.json").exists():
+            raise UserError(f"--resume: {out} holds no run (no config.json)")
+        saved = json.loads((out / "config.json").read_text())
+        diff = [k for k in sorted(set(saved) | set(config)) if k not in may_differ and k != "argv"
+                and saved.get(k) != config.get(k)]
+        if diff:
+            shown = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {config.get(k)!r}" for k in diff)
+            raise UserError(f"--resume: flags differ from {out / 'config.json'}: {shown} "
+                            f"(only {', '.join('--' + k for k in may_differ if k != 'resume')} may change)")
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out}: already holds a run; pass --resume to continue it, or pick a new --out")
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
-    atomic_write_json(out / "config.json", {"stage": stage, **vars(args)})
+    atomic_write_json(out / "config.json", {**config, "argv": command_line()})
     return out
+
+
+def weight_delta(params, before: list[torch.Tensor]) -> dict:
+    """The change an optimizer step really made, measured, not inferred from lr x grad (a step
+    smaller than a weight's float resolution changes nothing): {"norm": ||theta_after -
+    theta_before||, "max": largest |change|, "frac_changed": share of weights that changed}."""
+    sq, mx, changed, total = 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            d = (p.detach().float() - b.float())
+            sq += float((d * d).sum())
+            mx = max(mx, float(d.abs().max())) if d.numel() else mx
+            changed += int((d != 0).sum())
+            total += d.numel()
+    return {"norm": math.sqrt(sq), "max": mx, "frac_changed": changed / max(total, 1)}

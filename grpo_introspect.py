@@ -1,4 +1,4 @@
-"""Phase 1 of introspection-grpo.txt: GRPO rewarded by the introspection advantage.
+"""Phase 1 of the Introspection GRPO paper: GRPO rewarded by the introspection advantage.
 
 Per training step, on one question Q (paper, "GRPO Training Procedure"):
   1. N rollouts on Q. The prompt allows, never forces, <introspection>...</introspection> after
@@ -19,19 +19,21 @@ Deliberate simplifications against textbook GRPO, all as in the paper:
   4. Token-level normalisation: the loss is divided by the step's total number of updated
      introspection tokens (a global count; per-sequence averaging would bias towards length).
   5. SGD, lr 1e-6, no momentum; clip_grad_norm 1.0; a step with no positive advantage runs no
-     forward/backward at all; a non-finite loss skips the update and is logged.
+     forward/backward at all; a non-finite loss or gradient norm skips the update and is logged.
+     At these settings an update moves the weights by at most 1e-6 in norm: the realised change
+     is measured and logged after every step (weight_change), never inferred from lr x grad.
 
-Beyond the paper: paired sampling with its variance reduction logged, a 95% interval on every
-A_intro, the oracle (Q's known-good lesson scored through the same machinery; on by default,
---no-oracle to skip), a canary
-with an alarm, a transfer matrix between sub-types, and --correction-turns with a meta-gaming flag.
+Beyond the paper: separate seed streams for sampling on Q, scoring, canary and report (the noise
+that selected a lesson never evaluates it), paired sampling with its variance reduction logged, a
+95% interval on every A_intro (honest at small M), the oracle (Q's known-good lesson scored
+through the same machinery; --no-oracle to skip), a canary with an alarm, a transfer matrix
+between sub-types re-scored on fresh questions, and --correction-turns with a meta-gaming flag.
 
     python grpo_introspect.py --model gemma                        # default CPU run, ~5 min
     python grpo_introspect.py --model gemma --steps 40 --N 16 --M 8 --device cuda
     python grpo_introspect.py --out runs/NAME --resume              # continue after a kill or Ctrl-C
 """
 import argparse
-import json
 import random
 import re
 import time
@@ -66,43 +68,80 @@ META_GAMING = re.compile(
     r"|guess|eliminat\w*|the answer is (usually|often|always))\b", re.I)
 
 
+OPEN, CLOSE = "<introspection>", "</introspection>"
+
+
+def introspection_span(text: str) -> tuple[int, int] | None:
+    """The character span of a rollout's closed introspection, from its opening tag to the end of
+    its closing tag; None if there is none. The rollout stopped at the first closing tag, and a tag
+    opened twice before it counts from the last opening (the lesson is what follows it). This one
+    span defines both the lesson that is scored and the tokens that are trained."""
+    close = text.find(CLOSE)
+    start = text.rfind(OPEN, 0, close) if close >= 0 else -1
+    return None if start < 0 else (start, close + len(CLOSE))
+
+
 def extract_introspection(tok, s: common.Sample) -> str | None:
-    """The introspection of a rollout, if it wrote one and closed the tag."""
-    if s.finish != "stop" or not tok.decode(s.token_ids).endswith("</introspection>"):
+    """The lesson of a rollout: the text inside its closed introspection, or None."""
+    text = tok.decode(s.token_ids, skip_special_tokens=True)
+    span = introspection_span(text)
+    if span is None:
         return None
-    if "<introspection>" not in s.text:
-        return None
-    body = s.text.rsplit("<introspection>", 1)[1].strip()       # a tag opened twice: keep the last
+    body = text[span[0] + len(OPEN):span[1] - len(CLOSE)].strip()
     return body or None
 
 
 def introspection_mask(tok, ids: list[int]) -> list[bool]:
-    """True on the completion tokens from the one where "<introspection>" starts to the end
-    (the closing tag is the last token, where the rollout stopped)."""
-    text = tok.decode(ids)
-    start = text.find("<introspection>")
-    if start < 0:
+    """True on the completion tokens whose characters overlap the introspection span.
+
+    Both tags are trained: the opening tag is the model's decision to write a lesson, the closing
+    tag its decision to stop. Gemma's tokenizer merges punctuation with tags (".<" in
+    "fire.<introspection>", ">." at the end), so a token can straddle the span's edge; it is
+    trained too, because it is the token that opens (or closes) the tag and cannot be split.
+    Characters are located by decoding growing prefixes, which matches the decoded text exactly."""
+    text = tok.decode(ids, skip_special_tokens=True)
+    span = introspection_span(text)
+    if span is None:
         return [False] * len(ids)
+    ends, e = [], 0
     for j in range(len(ids)):
-        if len(tok.decode(ids[:j + 1])) > start:
-            return [k >= j for k in range(len(ids))]
-    return [False] * len(ids)
+        e = max(e, len(tok.decode(ids[:j + 1], skip_special_tokens=True)))
+        ends.append(e)
+    starts = [0] + ends[:-1]
+    return [st < span[1] and en > span[0] for st, en in zip(starts, ends)]
 
 
 # ----------------------------------------------------------------------------
 # the advantage (pure maths, tested on hand-made numbers)
 
 
-def paired_advantage(with_r: np.ndarray, base: np.ndarray) -> dict:
-    """A = mean(with_r) - mean(base) over paired rows, with a 95% interval from the paired
-    differences, and the variance an unpaired estimate would have had (to log the reduction)."""
-    with_r, base = np.asarray(with_r, float).ravel(), np.asarray(base, float).ravel()
-    d = with_r - base
-    ci = common.mean_ci(d, binary=False)
-    n = len(d)
-    var_paired = d.var(ddof=1) / n if n > 1 else float("nan")
-    var_unpaired = (with_r.var(ddof=1) + base.var(ddof=1)) / n if n > 1 else float("nan")
-    return {**ci, "var_paired": var_paired, "var_unpaired": var_unpaired, "diffs": d}
+def paired_advantage(with_r, base) -> dict:
+    """A = R_bar(Q' + r) - R_bar(Q') for one lesson, from rows paired across the two arms.
+
+    with_r, base: lists with one array of 0/1 rewards per Q' (row j of both arms on one Q' shared
+    its random numbers). The interval is honest at small M: on one Q', Newcombe's paired-binary
+    interval over the M pairs (never zero width, unlike a t interval on four equal differences);
+    on several Q', a bootstrap clustered by Q'. Also the variance an unpaired estimate would have
+    had, to log what pairing saves."""
+    w = [np.asarray(x, float).ravel() for x in with_r]
+    b = [np.asarray(x, float).ravel() for x in base]
+    d = [x - y for x, y in zip(w, b)]
+    W, Bs = np.concatenate(w), np.concatenate(b)
+    ci = (common.paired_binary_ci(W, Bs) if len(d) == 1
+          else common.cluster_bootstrap_ci(d, seed=0))
+    n = len(W)
+    D = W - Bs
+    var_paired = D.var(ddof=1) / n if n > 1 else float("nan")
+    var_unpaired = (W.var(ddof=1) + Bs.var(ddof=1)) / n if n > 1 else float("nan")
+    return {**ci, "var_paired": var_paired, "var_unpaired": var_unpaired, "diffs": D}
+
+
+def pooled_advantage(advs: list[dict], M: int) -> dict:
+    """The mean over every paired difference of a step's lessons, with a bootstrap clustered by
+    baseline row: all lessons on one Q' share its M baseline rows and their random numbers, so
+    row j of every lesson is one cluster, not independent draws."""
+    D = np.stack([a["diffs"] for a in advs])                     # (lessons, K*M)
+    return common.cluster_bootstrap_ci([D[:, j] for j in range(D.shape[1])], seed=0)
 
 
 def pg_loss(logprobs: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
@@ -112,19 +151,25 @@ def pg_loss(logprobs: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> to
     return -(adv[:, None] * logprobs * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def canary_alarm(c: dict, c0: dict) -> bool:
+    """Alarm when the canary's whole interval lies below the run's first canary accuracy."""
+    return bool(c["hi"] < c0["mean"])
+
+
 # ----------------------------------------------------------------------------
 # transfer: score lessons on other questions of the same type
 
 
-def score_lessons(model, tok, pairs, M, temperature, seed, max_new_tokens, progress=None):
+def score_lessons(model, tok, pairs, M, temperature, seed, stream, key, max_new_tokens, progress=None):
     """pairs: list of (question, [lesson, ...]). For each question, M baseline rows and M rows per
-    lesson, in one sampler call; row j of every arm on a question shares its random numbers.
+    lesson, in one sampler call; row j of every arm on a question shares its random numbers, drawn
+    from the stream (seed, stream, *key, question index, j), so no other purpose reuses them.
     Returns, per pair, (base rewards (M,), [rewards with lesson (M,), ...])."""
     prompts, seeds = [], []
     for qi, (q, lessons) in enumerate(pairs):
         for lesson in [None] + lessons:
             prompts.append(common.question_prompt(tok, q, lesson=lesson))
-            seeds += [common.row_seed(seed, qi, j) for j in range(M)]
+            seeds += [common.stream_seed(seed, stream, *key, qi, j) for j in range(M)]
     out = common.sample(model, tok, prompts, n=M, max_new_tokens=max_new_tokens, temperature=temperature,
                         stop=ANSWER_STOP, row_seeds=seeds, progress=progress)
     owner = [q for q, lessons in pairs for _ in range(1 + len(lessons)) for _ in range(M)]
@@ -146,6 +191,16 @@ def transfer_pool(questions, q, by):
 # main
 
 
+def check_args(args):
+    """Every flag's range, before anything is loaded or written (one line, exit 2)."""
+    common.check_common_args(args)
+    common.check_at_least(args, ["steps", "N", "M", "transfer_questions", "max_intros", "max_new_tokens",
+                                 "answer_tokens", "canary_every", "canary_samples", "save_every"])
+    common.check_at_least(args, ["correction_turns", "matrix_M"], minimum=0)
+    # log-probs are divided by the temperature in training: 0 would make every update NaN
+    common.check_positive(args, ["temperature", "lr", "clip"])
+
+
 def main():
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
                                data="data/procedural.jsonl")
@@ -158,7 +213,8 @@ def main():
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=64, help="rollout length on Q")
     p.add_argument("--answer-tokens", type=int, default=16, help="rollout length on Q' (answer only)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                   help="sgd (the paper: no momentum) or adamw (torch defaults: betas 0.9/0.999, weight decay 0.01)")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--canary-every", type=int, default=4)
@@ -170,6 +226,7 @@ def main():
     p.add_argument("--matrix-M", type=int, default=4, help="rollouts per arm in the final transfer matrix (0: skip)")
     p.add_argument("--include-controls", action="store_true", help="also train on negative-control clusters")
     args = p.parse_args()
+    check_args(args)
 
     # ---- setup: data first (a bad file fails before the model loads)
     questions = common.load_questions(args.data)
@@ -179,43 +236,49 @@ def main():
     train = [q for q in pool if args.include_controls or not q.meta.get("negative_control")]
     train = [q for q in train if transfer_pool(pool, q, args.transfer_by)]
     if not train:
-        raise common.UserError(f"{args.data}: no question has a Q' of the same {args.transfer_by} outside the canary set")
+        raise common.UserError(f"{args.data}: no question has a Q' of the same {args.transfer_by} outside "
+                               f"the canary set (the first question of each sub-type); every type needs at least 3")
     out = common.setup_run(args, "grpo_introspect")
     order = [train[i] for i in np.random.default_rng(args.seed).permutation(len(train))]
     library_path, metrics_path = out / "library.json", out / "metrics.jsonl"
     library = common.load_bank(library_path, "introspection-library")
 
-    ckpt = out / "checkpoint"
-    model, tok = common.load_model(str(ckpt) if args.resume and ckpt.exists() else args.model, args.device, args.dtype)
+    ckpt = common.find_checkpoint(out) if args.resume else None
+    model, tok = common.load_model(str(ckpt) if ckpt else args.model, args.device, args.dtype)
     device = next(model.parameters()).device
     params = [p_ for p_ in model.parameters() if p_.requires_grad]
     opt = (torch.optim.SGD(params, lr=args.lr, momentum=0.0) if args.optimizer == "sgd"
            else torch.optim.AdamW(params, lr=args.lr))
-    start = 0
+    start, metrics = 0, []
     if args.resume:
         state = common.load_resume_state(out, opt)
         start = state["step"] if state else 0
         # Anything logged by a step that the checkpoint does not include is dropped, then redone.
+        metrics = common.read_jsonl(metrics_path)
+        dropped = sum(m["step"] >= start for m in metrics)
+        metrics = [m for m in metrics if m["step"] < start]
         library["entries"] = [e for e in library["entries"] if e["step"] < start]
         common.save_bank(library_path, library)
-        if metrics_path.exists():
-            keep = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] < start]
-            common.atomic_write_text(metrics_path, "".join(ln + "\n" for ln in keep))
-        print(f"resuming {out} at step {start} ({len(library['entries'])} introspections in the library)")
+        common.write_jsonl(metrics_path, metrics)
+        if state is None:
+            print(f"warning: {out} has no complete checkpoint; starting again from step 0 with {args.model}")
+        print(f"resuming {out} at step {start} ({len(library['entries'])} introspections in the library, "
+              f"{dropped} logged step(s) past the checkpoint dropped and redone)")
     print(f"run folder: {out}\ntraining on {len(train)} questions, canary {len(canary)}, data {args.data}")
+    if args.oracle and not any(q.lesson for q in train):
+        print(f"note: {args.data} has no 'lesson' fields, so the oracle is skipped")
 
     def canary_accuracy():
+        # the same row seeds at every check: a change in the canary is the model's, not the noise's
         res = score_lessons(model, tok, [(q, []) for q in canary], args.canary_samples, args.temperature,
-                            seed=args.seed, max_new_tokens=args.answer_tokens, progress="canary")
-        return common.mean_ci(np.concatenate([b for b, _ in res]), binary=True)
+                            args.seed, "canary", (), args.answer_tokens, progress="canary")
+        return common.cluster_bootstrap_ci([b for b, _ in res], seed=0)      # clustered by question
 
     # the alarm compares with the run's first canary, also after a resume
-    canary0 = next((json.loads(ln)["canary"] for ln in metrics_path.read_text().splitlines()
-                    if "canary" in json.loads(ln)), None) if metrics_path.exists() else None
+    canary0 = next((m["canary"] for m in metrics if "canary" in m), None)
     bar = tqdm(range(start, args.steps), desc="GRPO steps", initial=start, total=args.steps)
     for step in bar:
         t0 = time.time()
-        seed = int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0])
         Q = order[step % len(order)]
         rec = {"step": step, "question": Q.id, "cluster": Q.cluster, "subtype": Q.subtype}
 
@@ -224,16 +287,17 @@ def main():
             c = canary_accuracy()
             canary0 = canary0 or c
             rec["canary"] = c
-            rec["canary_alarm"] = c["hi"] < canary0["mean"]
+            rec["canary_alarm"] = canary_alarm(c, canary0)
             if rec["canary_alarm"]:
-                tqdm.write(f"ALARM step {step}: canary accuracy {c['mean']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}] "
+                tqdm.write(f"ALARM step {step}: canary accuracy {common.fmt_ci(c, False)} "
                            f"fell below its start {canary0['mean']:.2f}")
 
-        # ---- 1. N rollouts on Q (optionally with correction turns)
+        # ---- 1. N rollouts on Q (optionally with correction turns), on their own seed stream
         prompt = common.question_prompt(tok, Q, instruction=INTROSPECT_HINT)
         prompts = [prompt] * args.N
         rollouts = common.sample(model, tok, [prompt], n=args.N, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, stop=ROLLOUT_STOP, seed=seed, progress="rollouts on Q")
+                                 temperature=args.temperature, stop=ROLLOUT_STOP, progress="rollouts on Q",
+                                 row_seeds=[common.stream_seed(args.seed, "rollout", step, j) for j in range(args.N)])
         rewards = [common.verify(Q, s.text)[0] for s in rollouts]
         turns = [0] * args.N
         first_try = common.mean_ci(rewards, binary=True)
@@ -243,7 +307,8 @@ def main():
                 break
             retry = [prompts[i] + rollouts[i].text + CORRECTION for i in wrong]
             again = common.sample(model, tok, retry, n=1, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, stop=ROLLOUT_STOP, seed=seed + turn)
+                                  temperature=args.temperature, stop=ROLLOUT_STOP,
+                                  row_seeds=[common.stream_seed(args.seed, "correction", step, turn, i) for i in wrong])
             for i, p_i, s in zip(wrong, retry, again):
                 prompts[i], rollouts[i], turns[i], rewards[i] = p_i, s, turn, common.verify(Q, s.text)[0]
         if args.correction_turns:
@@ -259,32 +324,36 @@ def main():
         # ---- 2. introspections from successful rollouts
         cands = [(i, r) for i, r in intros if r is not None and rewards[i] == 1][:args.max_intros]
         lessons = [r for _, r in cands]
+        oracle = Q.lesson if args.oracle and Q.lesson else None   # scored like a lesson, never trained on
 
-        # ---- 3-4. transfer to K questions Q' (and validation on Q itself), paired
+        # ---- 3-4. transfer to K questions Q' (and validation on Q itself), paired, own seed stream
         same_type = transfer_pool(pool, Q, args.transfer_by)
-        Qp = random.Random(seed).sample(same_type, min(args.transfer_questions, len(same_type)))
-        scored = lessons + ([Q.lesson] if args.oracle and Q.lesson else [])
-        A, val = [], []
+        Qp = random.Random(common.stream_seed(args.seed, "pick-Q'", step)).sample(
+            same_type, min(args.transfer_questions, len(same_type)))
+        scored = lessons + ([oracle] if oracle else [])
+        A, val, A_oracle = [], [], None
         if scored:
             res = score_lessons(model, tok, [(q, scored) for q in Qp + [Q]], args.M, args.temperature,
-                                seed=seed, max_new_tokens=args.answer_tokens, progress="transfer rollouts")
-            for k in range(len(scored)):
-                A.append(paired_advantage(np.concatenate([res[j][1][k] for j in range(len(Qp))]),
-                                          np.concatenate([res[j][0] for j in range(len(Qp))])))
-                val.append(paired_advantage(res[-1][1][k], res[-1][0]))
-        if A:  # how much pairing cuts the variance of the estimate, over every lesson scored (oracle too)
-            rec["var_paired"] = float(np.nansum([a["var_paired"] for a in A]))
-            rec["var_unpaired"] = float(np.nansum([a["var_unpaired"] for a in A]))
-        if args.oracle and Q.lesson:
-            rec["A_oracle"], rec["val_oracle"] = [{k: v for k, v in x.pop().items() if k != "diffs"} for x in (A, val)]
+                                args.seed, "transfer", (step,), args.answer_tokens, progress="transfer rollouts")
+            both = [paired_advantage([res[j][1][k] for j in range(len(Qp))], [res[j][0] for j in range(len(Qp))])
+                    for k in range(len(scored))]
+            both_val = [paired_advantage([res[-1][1][k]], [res[-1][0]]) for k in range(len(scored))]
+            A, val = both[:len(lessons)], both_val[:len(lessons)]
+            if oracle:
+                A_oracle, val_oracle = both[-1], both_val[-1]
+                rec["A_oracle"] = {k: v for k, v in A_oracle.items() if k not in ("diffs", "var_paired", "var_unpaired")}
+                rec["A_oracle"]["diffs"] = A_oracle["diffs"].tolist()
+                rec["val_oracle"] = {k: v for k, v in val_oracle.items() if k not in ("diffs", "var_paired", "var_unpaired")}
+            # how much pairing cuts the variance of the estimate, over every lesson scored (oracle too)
+            rec["var_paired"] = float(np.nansum([a["var_paired"] for a in both]))
+            rec["var_unpaired"] = float(np.nansum([a["var_unpaired"] for a in both]))
         if A:
-            # pooled over every paired difference of the step: n = introspections x K x M
-            rec["A_intro"] = common.mean_ci(np.concatenate([a["diffs"] for a in A]), binary=False)
-            rec["validation"] = common.mean_ci(np.concatenate([v["diffs"] for v in val]), binary=False)
+            rec["A_intro"] = pooled_advantage(A, args.M)
+            rec["validation"] = pooled_advantage(val, args.M)
 
         # ---- 5. policy gradient on the introspection tokens of positively scored rollouts
         upd = [(i, a["mean"]) for (i, _), a in zip(cands, A) if a["mean"] > 0]
-        rec.update(updated=len(upd), grad_norm=None, loss=None, skipped=None)
+        rec.update(updated=len(upd), grad_norm=None, loss=None, skipped=None, weight_change=None)
         if upd:  # no positive advantage -> no forward/backward at all
             ids = [common.encode(tok, prompts[i]) for i, _ in upd]
             comp = [rollouts[i].token_ids for i, _ in upd]
@@ -294,17 +363,27 @@ def main():
                 mask[b, :len(c)] = torch.tensor(introspection_mask(tok, c))
             adv = torch.tensor([max(a, 0.0) for _, a in upd], device=device)    # clamp(A_intro, min=0)
             loss = pg_loss(lp["logprobs"], mask, adv)
+            rec["loss"] = float(loss.detach())
             if torch.isfinite(loss):
                 loss.backward()
-                rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
-                opt.step()
-                rec["loss"] = float(loss)
+                gn = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
+                rec["grad_norm"] = gn
+                if np.isfinite(gn):
+                    before = [p_.detach().clone() for p_ in params]
+                    opt.step()
+                    # measured, not lr x grad: at SGD lr 1e-6 and clip 1 most weights do not move
+                    rec["weight_change"] = common.weight_delta(params, before)
+                    del before
+                else:
+                    rec["skipped"] = f"non-finite gradient norm {gn}"
             else:
                 rec["skipped"] = f"non-finite loss {float(loss)}"
+            if rec["skipped"]:
                 tqdm.write(f"step {step}: {rec['skipped']}, update skipped")
             opt.zero_grad(set_to_none=True)
 
-        # ---- record: library first, then checkpoint, so a kill between them only repeats a step
+        # ---- record: library and metrics first, checkpoint last, so a kill anywhere between them
+        # only repeats this step (--resume drops what a step past the checkpoint logged)
         updated = {i for i, _ in upd}
         for (i, r), a, v in zip(cands, A, val):
             library["entries"].append({
@@ -314,15 +393,17 @@ def main():
                 "validation": {x: v[x] for x in ("mean", "lo", "hi", "n")},
                 "used_for_update": i in updated, "meta_gaming": bool(META_GAMING.search(r))})
         common.save_bank(library_path, library)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            common.save_checkpoint(out, model, tok, opt, step=step + 1)
         rec.update(step_time=time.time() - t0, peak_memory_mb=common.peak_memory_mb(device))
         common.append_jsonl(metrics_path, rec)
+        metrics.append(rec)
+        common.crash_point("after_metrics")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            common.save_checkpoint(out, model, tok, opt, step=step + 1)
         bar.set_postfix(acc=f"{rec['accuracy_Q']['mean']:.2f}", intro=f"{rec['introspected']:.2f}",
                         upd=rec["updated"])
 
     # ---- report
-    write_report(out, args, model, tok, library, pool)
+    write_report(out, args, model, tok, library, pool, canary_ids)
     print(f"library: {library_path}\nmetrics: {metrics_path}\nreport:  {out / 'report.md'}")
 
 
@@ -330,45 +411,62 @@ def main():
 # report
 
 
-def fmt(ci, signed=True):
-    if not ci or ci.get("n", 0) == 0:
-        return "-"
-    s = "+" if signed else ""
-    return f"{ci['mean']:{s}.2f} [{ci['lo']:{s}.2f}, {ci['hi']:{s}.2f}] (n={ci['n']})"
+def by_step(entries, key):
+    """Per-step groups of one value per introspection: lessons of one step share Q', its baseline
+    rows and their random numbers, so the step (not the lesson) is the independent unit."""
+    groups = {}
+    for e in entries:
+        groups.setdefault(e["step"], []).append(e[key]["mean"])
+    return list(groups.values())
 
 
-def write_report(out, args, model, tok, library, pool):
-    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+def write_report(out, args, model, tok, library, pool, canary_ids):
+    fmt = common.fmt_ci
+    metrics = common.read_jsonl(out / "metrics.jsonl")
     entries = library["entries"]
     lines = [f"# GRPO on the introspection advantage: {out.name}", "",
-             f"`{' '.join(['python grpo_introspect.py'] + [f'--{k.replace(chr(95), chr(45))} {v}' for k, v in vars(args).items() if v not in (None, False)])}`", "",
+             f"`{common.command_line()}`", "",
+             "Intervals are 95%: Newcombe's paired-binary interval for one lesson on one Q' (M pairs); "
+             "bootstraps clustered by baseline row (a step's lessons), by step (the run's lessons) and "
+             "by question (the canary), since those samples are not independent.", "",
              "## Per step", "",
-             "| step | Q | acc on Q | introspected | A_intro (mean over r) | validation | oracle A | updated | grad norm | canary |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| step | Q | acc on Q | introspected | A_intro (pooled over r) | validation | oracle A | updated | "
+             "grad norm | weight change | canary |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in metrics:
+        wc = m.get("weight_change")
+        wc = f"{wc['norm']:.1e} ({wc['frac_changed']:.0%} moved)" if wc else "-"
         lines.append(f"| {m['step']} | {m['question']} | {fmt(m['accuracy_Q'], False)} | {m['introspected']:.2f} | "
                      f"{fmt(m.get('A_intro'))} | {fmt(m.get('validation'))} | {fmt(m.get('A_oracle'))} | "
-                     f"{m['updated']} | {m['grad_norm'] if m['grad_norm'] is None else round(m['grad_norm'], 3)} | "
+                     f"{m['updated']} | {'-' if m['grad_norm'] is None else round(m['grad_norm'], 3)} | {wc} | "
                      f"{fmt(m.get('canary'), False)}{' ALARM' if m.get('canary_alarm') else ''} |")
-    allA = [e["A_intro"]["mean"] for e in entries]
-    allV = [e["validation"]["mean"] for e in entries]
     vp, vu = sum(m.get("var_paired", 0) for m in metrics), sum(m.get("var_unpaired", 0) for m in metrics)
-    oracle = [m["A_oracle"]["mean"] for m in metrics if m.get("A_oracle")]
+    oracle = [m["A_oracle"]["diffs"] for m in metrics if m.get("A_oracle")]
+    changes = [m["weight_change"] for m in metrics if m.get("weight_change")]
     lines += ["", "## Summary", "",
               f"- introspections scored: {len(entries)}; used for an update: {sum(e['used_for_update'] for e in entries)}",
-              f"- regularisation advantage (A_intro on Q' != Q), mean over introspections: {fmt(common.mean_ci(allA, binary=False))}",
-              f"- validation advantage (same question Q): {fmt(common.mean_ci(allV, binary=False))}",
-              f"- oracle (known-good lesson) A on Q': {fmt(common.mean_ci(oracle, binary=False)) if oracle else 'not run (--oracle)'}",
+              f"- regularisation advantage (A_intro on Q' != Q), mean over introspections, clustered by step: "
+              f"{fmt(common.cluster_bootstrap_ci(by_step(entries, 'A_intro')))}",
+              f"- validation advantage (same question Q): {fmt(common.cluster_bootstrap_ci(by_step(entries, 'validation')))}",
+              f"- oracle (the data's known-good lesson) A on Q', paired differences clustered by step: "
+              f"{fmt(common.cluster_bootstrap_ci(oracle)) if oracle else 'not run (--no-oracle, or no lessons in the data)'}",
               f"- variance of the A estimates, paired / unpaired sampling: {vp / vu:.2f} (summed over every lesson scored)"
               if vu > 0 else "- paired / unpaired variance: no lesson scored with any variance",
               f"- meta-gaming flagged: {sum(e['meta_gaming'] for e in entries)} of {len(entries)}"]
+    if changes:
+        lines.append(f"- realised weight change per update ({args.optimizer}, lr {args.lr:g}): norm "
+                     f"{min(c['norm'] for c in changes):.1e} to {max(c['norm'] for c in changes):.1e}, "
+                     f"share of weights that moved {min(c['frac_changed'] for c in changes):.1%} to "
+                     f"{max(c['frac_changed'] for c in changes):.1%} ({len(changes)} updates)")
+    else:
+        lines.append("- no update was applied, so the weights are the starting ones")
     by_turn = {}
     for e in entries:
         by_turn.setdefault(e["turn"], []).append(e["meta_gaming"])
     if args.correction_turns:
         lines += ["", "| correction turn | introspections | meta-gaming flagged |", "|---|---|---|"]
         lines += [f"| {t} | {len(v)} | {np.mean(v):.0%} |" for t, v in sorted(by_turn.items())]
-    lines += ["", "## Best introspections per cluster (by lower bound of A_intro)", ""]
+    lines += ["", "## Best introspections per sub-type (by lower bound of A_intro)", ""]
     best = {}
     for e in sorted(entries, key=lambda e: -e["A_intro"]["lo"]):
         best.setdefault((e["cluster"], e["subtype"]), []).append(e)
@@ -376,21 +474,37 @@ def write_report(out, args, model, tok, library, pool):
         for e in es[:2]:
             lines.append(f"- **{c}/{s}** A_intro {fmt(e['A_intro'])}: {e['text'][:200]!r}")
 
-    # transfer matrix: the best introspection of sub-type X scored on a question of sub-type Y
+    # Transfer matrix: the best introspection of sub-type X re-scored on a question of sub-type Y.
+    # The rows were chosen by their lower bound, so reusing the scores that chose them would carry
+    # the winner's curse: every cell is a fresh measurement, on a question that was neither the
+    # source Q nor a Q' of any row's lesson, with its own seed stream.
     if args.matrix_M and best:
         keys = sorted({(q.cluster, q.subtype) for q in pool})
         rows = {k: v[0] for k, v in best.items()}
-        target = {k: next(q for q in pool if (q.cluster, q.subtype) == k) for k in keys}
-        res = score_lessons(model, tok, [(target[k], [rows[x]["text"] for x in rows]) for k in keys], args.matrix_M,
-                            args.temperature, seed=args.seed + 1, max_new_tokens=args.answer_tokens, progress="transfer matrix")
-        lines += ["", f"## Transfer matrix (rows: best introspection from sub-type X; columns: one question of sub-type Y; "
-                      f"A = R(Y + r) - R(Y), {args.matrix_M} paired rollouts per cell)", "",
-                  "| from \\ on | " + " | ".join(f"{c}/{s}" for c, s in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
+        used = {e["source_question"] for e in rows.values()} | {
+            q for e in rows.values() for q in e["A_intro"]["transfer_questions"]}
+        rng = random.Random(common.stream_seed(args.seed, "matrix-target"))
+        target = {}
+        for k in keys:
+            fresh = [q for q in pool if (q.cluster, q.subtype) == k and q.id not in used]
+            if fresh:
+                target[k] = rng.choice(fresh)
+        cols = [k for k in keys if k in target]
+        res = score_lessons(model, tok, [(target[k], [rows[x]["text"] for x in rows]) for k in cols], args.matrix_M,
+                            args.temperature, args.seed, "matrix", (), args.answer_tokens, progress="transfer matrix")
+        lines += ["", f"## Transfer matrix (rows: best introspection from sub-type X; columns: a fresh question of "
+                      f"sub-type Y, never its Q or Q'; A = R(Y + r) - R(Y), {args.matrix_M} paired rollouts per cell, "
+                      f"Newcombe 95% interval)", ""]
+        if len(cols) < len(keys):
+            lines += [f"No fresh question left for: {', '.join(f'{c}/{s}' for c, s in keys if (c, s) not in target)}.", ""]
+        lines += ["| from \\ on | " + " | ".join(f"{c}/{s}" for c, s in cols) + " |", "|---|" + "---|" * len(cols)]
         for ri, x in enumerate(rows):
-            cells = [f"{paired_advantage(res[ci][1][ri], res[ci][0])['mean']:+.2f}" for ci in range(len(keys))]
+            cells = []
+            for ci in range(len(cols)):
+                d = common.paired_binary_ci(res[ci][1][ri], res[ci][0])
+                cells.append(f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]")
             lines.append(f"| {x[0]}/{x[1]} | " + " | ".join(cells) + " |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    common.atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

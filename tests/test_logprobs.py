@@ -127,3 +127,38 @@ def test_logprobs_equal_reference_real_gemma(gemma):
         ref = reference(model, prompts, comps, 0.9)
     for i, (r, _) in enumerate(ref):
         torch.testing.assert_close(res["logprobs"][i, :len(comps[i])], r, atol=1e-4, rtol=0)
+
+
+def test_temperature_zero_is_refused():
+    """Training divides log-probs by the temperature: 0 must be an error, not NaN updates."""
+    model = type("M", (), {})()
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        common.token_logprobs(model, [[2]], [[5]], temperature=0.0)
+
+
+def test_lm_head_check_matches_model_logits_with_softcapping(tiny_tok):
+    """token_logprobs re-implements the LM head; with Gemma's final_logit_softcapping set it must
+    still equal model(...).logits, and a head it does not handle is refused, not silently wrong."""
+    from conftest import make_tiny_gemma
+    model = make_tiny_gemma(len(tiny_tok), seed=1)
+    model.config.final_logit_softcapping = 2.0          # small, so the tanh really bends the logits
+    assert common.check_lm_head(model) < 1e-4
+    model.config.logit_scale = 0.5
+    with pytest.raises(common.UserError, match="logit_scale"):
+        common.check_lm_head(model)
+    del model.config.logit_scale
+    model.lm_head = torch.nn.Linear(64, len(tiny_tok), bias=True)
+    with pytest.raises(common.UserError, match="bias"):
+        common.check_lm_head(model)
+
+
+def test_lm_head_check_catches_a_mismatch(tiny_tok, monkeypatch):
+    """If the re-implemented head disagreed with the model (here: a softcap the model does not
+    apply), the check fails loudly."""
+    from conftest import make_tiny_gemma
+    model = make_tiny_gemma(len(tiny_tok), seed=1)
+    real = common._lm_head_logprobs
+    monkeypatch.setattr(common, "_lm_head_logprobs",
+                        lambda w, s, t, h, y, e: real(w, 1.0, t, h, y, e))
+    with pytest.raises(common.UserError, match="differs from model"):
+        common.check_lm_head(model)

@@ -88,3 +88,74 @@ def test_gemma_loads_from_cached_folder_without_the_gguf(gemma, monkeypatch):
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(268e6, rel=0.01)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 1, 0)
     torch.testing.assert_close(model.get_output_embeddings().weight[:100], gemma[0].get_output_embeddings().weight[:100])
+
+
+def _save(tmp_path, tiny_tok, step):
+    model = make_tiny_gemma(len(tiny_tok), seed=step)
+    common.save_checkpoint(tmp_path, model, tiny_tok, step=step)
+    return model
+
+
+def test_kill_between_the_two_renames_leaves_a_checkpoint_resume_finds(tmp_path, tiny_tok, monkeypatch):
+    """save_checkpoint moves checkpoint/ aside, then renames the new one in. A kill in between
+    (simulated: the second rename never happens) must leave a complete checkpoint, and the newest."""
+    _save(tmp_path, tiny_tok, 1)
+    real = common.os.replace
+
+    def replace_then_die(src, dst):
+        if str(src).endswith("checkpoint.tmp"):
+            raise KeyboardInterrupt("killed between the renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(common.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, tiny_tok, 2)
+    monkeypatch.setattr(common.os, "replace", real)
+    assert not (tmp_path / "checkpoint").exists()                 # the state a kill leaves
+    ck = common.find_checkpoint(tmp_path)
+    assert ck == tmp_path / "checkpoint"
+    assert common.load_resume_state(tmp_path)["step"] == 2         # the finished new one, not the old
+    assert not (tmp_path / "checkpoint.old").exists() and not (tmp_path / "checkpoint.tmp").exists()
+
+
+def test_an_unfinished_new_checkpoint_falls_back_to_the_old(tmp_path, tiny_tok):
+    _save(tmp_path, tiny_tok, 1)
+    os_ = common.os
+    os_.replace(tmp_path / "checkpoint", tmp_path / "checkpoint.old")
+    (tmp_path / "checkpoint.tmp").mkdir()                          # killed while writing: no resume.pt
+    assert common.load_resume_state(tmp_path)["step"] == 1
+    assert common.find_checkpoint(tmp_path) == tmp_path / "checkpoint"
+
+
+def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "acc')
+    assert common.read_jsonl(p) == [{"step": 0}, {"step": 1}]
+    assert "torn last line" in capsys.readouterr().err
+    p.write_text('{"step": 0}\n{"step": 1, "acc\n{"step": 2}\n')
+    with pytest.raises(common.UserError, match=r"metrics.jsonl:2: not valid JSON"):
+        common.read_jsonl(p)
+
+
+def test_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path):
+    import argparse
+    args = argparse.Namespace(out=str(tmp_path / "r"), resume=False, seed=0, steps=3, N=4, data="a.jsonl",
+                              device=None)
+    common.setup_run(args, "x")
+    with pytest.raises(common.UserError, match="already holds a run; pass --resume"):
+        common.setup_run(args, "x")
+    args.resume, args.steps = True, 10                             # run length may change
+    common.setup_run(args, "x")
+    args.N, args.data = 8, "b.jsonl"
+    with pytest.raises(common.UserError, match=r"--N 4 -> 8, --data 'a.jsonl' -> 'b.jsonl'"):
+        common.setup_run(args, "x")
+
+
+def test_weight_delta_is_measured_not_inferred():
+    p = torch.nn.Parameter(torch.tensor([0.02, 1.0, 3.0]))
+    before = [p.detach().clone()]
+    with torch.no_grad():
+        p += torch.tensor([1e-12, 0.5, 0.0])                       # 1e-12 is below fp32 resolution at 0.02
+    d = common.weight_delta([p], before)
+    assert d["frac_changed"] == pytest.approx(1 / 3)
+    assert d["norm"] == pytest.approx(0.5) and d["max"] == pytest.approx(0.5)

@@ -22,7 +22,8 @@ def text(answer="Paris"):
     (" C) Emergency admission", 1.0),
     (" (C)", 1.0),
     (" The answer is C because BP is above 160/110.", 1.0),
-    ("answer: c", 1.0),
+    ("Answer: C", 1.0),
+    ("answer: c", 0.0),                             # option letters are capitals only
     (" A woman this sick needs C.", 1.0),           # the article "A" is not an answer
     (" Emergency admission to hospital.", 1.0),     # option text, no letter
     (' "Emergency admission."', 1.0),               # quoted option text
@@ -37,6 +38,23 @@ def test_mcq_extraction(completion, reward):
     r, fb = verify(mcq(), completion)
     assert r == reward, fb
     assert "\n" not in fb
+
+
+def test_an_article_after_answer_is_is_not_an_option_letter():
+    q = Question("q", "c", "?", "B", "mcq", choices=["water", "stone", "fire"])
+    assert verify(q, " The answer is a stone.")[1] == "expected B, no option letter found"
+    assert verify(q, " The answer is B, stone.")[0] == 1.0
+
+
+def test_with_a_cue_only_the_first_line_is_read():
+    """A cloze answer followed by an echoed option list must not be read as the list's first letter."""
+    q = Question("q", "c", "In Orra, what does sel mean?", "B", "mcq", choices=["water", "stone", "fire"],
+                 cue="In Orra, sel means")
+    assert verify(q, " stone\nA) water\nB) stone")[0] == 1.0
+    assert verify(q, " fire\nB) stone")[1] == "expected B, got C"
+    assert verify(q, " something\nA) water")[1] == "expected B, no option letter found"
+    no_cue = Question("q", "c", "?", "B", "mcq", choices=["water", "stone", "fire"])
+    assert verify(no_cue, " I think\nB) stone")[0] == 1.0        # without a cue later lines still count
 
 
 def test_mcq_feedback_names_expected_and_got():

@@ -227,3 +227,16 @@ def test_real_gemma_stops_at_next_question(gemma):
                       temperature=0, stop=common.STOP)[0]
     assert s.finish == "stop" and "19" in s.text and "Question" not in s.text
     assert tok.decode(s.token_ids).endswith("\nQuestion:")
+
+
+def test_a_uniform_that_rounds_to_one_never_draws_a_zero_probability_token():
+    """u is drawn in [0, 1) in float64; one that rounds to 1.0 in float32 must still pick the last
+    token with non-zero probability, never the vocabulary's last (zero-probability) entry."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, -float("inf"), -float("inf")]] * 2)
+    u = torch.tensor([1.0, float(np.nextafter(np.float32(1), np.float32(0)))])
+    tokens, lp = common.draw_tokens(logits, u, temperature=1.0, top_p=1.0)
+    assert tokens.tolist() == [2, 2]                    # the last token with probability > 0
+    assert torch.isfinite(lp).all()
+    tokens, lp = common.draw_tokens(logits, u, temperature=1.0, top_p=0.5)
+    assert tokens.tolist() == [2, 2]                    # the nucleus is {2} alone (p = 0.67)
+    assert torch.isfinite(lp).all()
