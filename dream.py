@@ -1,4 +1,4 @@
-"""Test-time adaptation ("dreaming") of introspection-grpo.txt: GRPO on variations of an input
+"""Test-time adaptation ("dreaming") of the Introspection GRPO paper: GRPO on variations of an input
 with a new lesson injected, to integrate that lesson into the weights.
 
 NOT IMPLEMENTED YET: lands with its own issue. common.py already provides what it needs.

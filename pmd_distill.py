@@ -1,4 +1,4 @@
-"""procedural-memory-distillation.txt: an online three-level procedural memory (experience,
+"""The PMD paper (Online Reflection for Self-Improving Language Models): an online three-level procedural memory (experience,
 insight, behavior) and a memory-conditioned self-teacher distilled into the student.
 
 NOT IMPLEMENTED YET: lands with its own issue. common.py already provides what it needs.

@@ -1,4 +1,4 @@
-"""Phase 2 of introspection-grpo.txt: SFT that teaches the model to recall the best
+"""Phase 2 of the Introspection GRPO paper: SFT that teaches the model to recall the best
 introspection for a question type inside <recall>...</recall> before answering.
 
 NOT IMPLEMENTED YET: lands with its own issue. common.py already provides what it needs.

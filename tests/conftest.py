@@ -1,7 +1,7 @@
 """Fixtures: a tiny random-weight Gemma 3 (fast tests) and the real embedded Gemma (marked `gemma`).
 
 The tiny tokenizer is character-level and offline. Its pad id equals its EOS id on purpose, the
-setting in which other GRPO codebases silently stop training the stop token (NOTES.md).
+setting in which other GRPO codebases silently stop training the stop token (docs/facts.md).
 """
 import os
 import string

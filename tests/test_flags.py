@@ -18,6 +18,7 @@ DATA = str(ROOT / "data" / "procedural.jsonl")
 
 # script -> arguments every row of it gets (an existing data file, so only the bad flag is wrong)
 BASE = {
+    "grpo_introspect.py": ["--data", DATA],
     "data/make_procedural.py": [],
     "data/calibrate.py": ["--data", DATA],
     "bench/bench_memory.py": ["--data", DATA],
@@ -25,6 +26,25 @@ BASE = {
 
 # (script, bad arguments, what the one line must name)
 CASES = [
+    ("grpo_introspect.py", ["--N", "0"], "--N 0: must be at least 1"),
+    ("grpo_introspect.py", ["--M", "-1"], "--M -1: must be at least 1"),
+    ("grpo_introspect.py", ["--steps", "0"], "--steps 0"),
+    ("grpo_introspect.py", ["--transfer-questions", "0"], "--transfer-questions 0"),
+    ("grpo_introspect.py", ["--max-intros", "0"], "--max-intros 0"),
+    ("grpo_introspect.py", ["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    ("grpo_introspect.py", ["--answer-tokens", "0"], "--answer-tokens 0"),
+    ("grpo_introspect.py", ["--canary-every", "0"], "--canary-every 0"),
+    ("grpo_introspect.py", ["--canary-samples", "0"], "--canary-samples 0"),
+    ("grpo_introspect.py", ["--save-every", "0"], "--save-every 0"),
+    ("grpo_introspect.py", ["--correction-turns", "-1"], "--correction-turns -1"),
+    ("grpo_introspect.py", ["--matrix-M", "-2"], "--matrix-M -2"),
+    ("grpo_introspect.py", ["--temperature", "0"], "--temperature 0.0: must be a number greater than 0"),
+    ("grpo_introspect.py", ["--lr", "0"], "--lr 0.0"),
+    ("grpo_introspect.py", ["--clip", "-1"], "--clip -1.0"),
+    ("grpo_introspect.py", ["--seed", "-3"], "--seed -3"),
+    ("grpo_introspect.py", ["--device", "cuda"], "--device cuda"),
+    ("grpo_introspect.py", ["--dtype", "float8"], "--dtype"),
+    ("grpo_introspect.py", ["--data", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
     ("data/make_procedural.py", ["--per-subtype", "1"], "--per-subtype 1"),
     ("data/make_procedural.py", ["--seed", "-1"], "--seed -1"),
     ("data/calibrate.py", ["--samples", "0"], "--samples 0"),
