@@ -74,7 +74,7 @@ class RowError(Exception):
 
 
 def read_rows(path: Path, fmt: str):
-    """All records of a file, and the field names of its first readable record (or CSV header)."""
+    """All records of a file, and the field names its records use (or its CSV header)."""
     try:
         text = path.read_text(encoding="utf-8-sig")      # -sig: a spreadsheet's byte-order mark
     except UnicodeDecodeError as e:
@@ -99,8 +99,11 @@ def read_rows(path: Path, fmt: str):
                              RowError(None, f"expected a JSON object, got {type(rec).__name__}")))
             except json.JSONDecodeError as e:
                 rows.append((ln, RowError(None, f"invalid JSON ({e.msg} at column {e.colno})")))
-    first = next((rec for _, rec in rows if isinstance(rec, dict)), None)
-    return rows, (list(first) if first is not None else [])
+    fields = {}                                           # every key seen, in order of first appearance
+    for _, rec in rows:
+        if isinstance(rec, dict):
+            fields.update(dict.fromkeys(rec))
+    return rows, list(fields)
 
 
 def read_csv(path: Path, text: str, fmt: str):
@@ -365,22 +368,30 @@ def expected_fields(fmt, fields, mapping):
 
 
 def pick(questions, limit, seed):
-    """At most `limit` questions at random, never a cluster of one: a cluster enters with two
-    questions, then grows one at a time. File order is kept in the output."""
+    """At most `limit` questions at random, never a cluster of one: in a shuffled order, a cluster
+    enters with its first two questions, then grows one at a time. File order is kept."""
     order = list(range(len(questions)))
     random.Random(seed).shuffle(order)
-    chosen, waiting, taken = [], {}, set()
+    members = {}
     for i in order:
-        if len(chosen) >= limit:
+        members.setdefault(questions[i]["cluster"], []).append(i)
+    chosen, n = [], Counter()
+    for i in order:
+        c, room = questions[i]["cluster"], limit - len(chosen)
+        if room == 0:
             break
-        c = questions[i]["cluster"]
-        if c in taken:
+        if n[c] >= 2:
             chosen.append(i)
-        elif c in waiting and len(chosen) + 2 <= limit:
-            chosen += [waiting.pop(c), i]
-            taken.add(c)
-        else:
-            waiting.setdefault(c, i)
+            n[c] += 1
+        elif len(members[c]) > 1 and i == members[c][1] and room >= 2:
+            chosen += members[c][:2]
+            n[c] = 2
+    if len(chosen) == limit - 1:          # one place left, and the clusters in use are used up:
+        grow = next((c for c in n if n[c] >= 3), None)            # give one back to bring a new pair in
+        new = next((c for c in members if n[c] == 0 and len(members[c]) >= 2), None)
+        if grow and new:
+            chosen.remove([i for i in chosen if questions[i]["cluster"] == grow][-1])
+            chosen += members[new][:2]
     return [questions[i] for i in sorted(chosen)]
 
 
@@ -444,11 +455,9 @@ def main():
         raise common.UserError(f"{path}: unknown file type {path.suffix!r} (reads {', '.join(SUFFIXES)})")
     if out.exists() and out.resolve() == path.resolve():
         raise common.flag_error("out", args.out, "is the input file")
-    cluster_field = args.cluster_field or mapping.get("cluster")
-    if args.cluster_field and mapping.get("cluster") not in (None, args.cluster_field):
-        raise common.flag_error("cluster-field", args.cluster_field, f"but --map says cluster={mapping['cluster']}")
+    cluster_field = args.cluster_field or mapping.get("cluster")      # --cluster-field wins over --map's
 
-    # ---- read, and check the layout on the first record (one line, not a row-by-row flood)
+    # ---- read, and check the layout once (one line, not a row-by-row flood)
     rows, fields = read_rows(path, args.format)
     if not rows:
         raise common.DataError(f"{path}: no rows")
