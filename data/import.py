@@ -25,7 +25,7 @@ cluster named after the file. Every cluster needs a second question (Q'), so a c
 single question is dropped, with a count.
 
 Ids are stable: <file stem>-<row>, where the row is the line the record starts on (JSONL, CSV
-with its header as line 1) or its position (a JSON array). meta.source says file:row, and fields
+with its header as line 1) or its position (a JSON array). meta.imported_from says file:row, and fields
 the schema has no place for go under meta. Imported questions have no `lesson`, so stages skip
 what needs one (grpo_introspect's oracle, calibrate's lesson arms) and say so.
 
@@ -174,6 +174,8 @@ def options_of(v, name):
         if isinstance(o, bool) or not isinstance(o, (str, int, float)):
             raise RowError(name, f"an option is not text: {json.dumps(o)[:40]}")
         texts.append(str(o).strip())
+    if not 2 <= len(texts) <= len(LETTERS):
+        raise RowError(name, f"{len(texts)} options; an mcq has 2 to {len(LETTERS)}")
     return keys, texts
 
 
@@ -191,7 +193,7 @@ def answer_position(raw, keys, texts, name, ways) -> int:
     if isinstance(raw, bool) or isinstance(raw, (list, dict)):
         raise RowError(name, f"expected a letter, index or option text, got {json.dumps(raw)[:40]}")
     if isinstance(raw, (int, float)) and "index" in ways:
-        if raw != int(raw) or not 0 <= raw < n:
+        if isinstance(raw, float) and not raw.is_integer() or not 0 <= raw < n:
             raise RowError(name, f"index {raw} is not one of 0..{n - 1}")
         return int(raw)
     s = str(raw).strip()
@@ -247,8 +249,12 @@ def mcq(keys, texts, pos, name):
 
 
 def number_of(s: str) -> str | None:
-    """The number a final answer states ("1,234", "$5", "-3.5", "3/4"), as the verifier reads it; else None."""
-    s = s.strip().rstrip(".").lstrip("$").replace(",", "").replace(" ", "")
+    """The number a final answer states ("1,234", "$5", "-3.5", "3/4"), as the verifier reads it; else
+    None. Commas only as thousands separators: "1, 2" is not twelve."""
+    s = s.strip().rstrip(".").lstrip("$")
+    if "," in s and not re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        return None
+    s = s.replace(",", "")
     return s if re.fullmatch(common._NUM, s) and common._to_number(s) is not None else None
 
 
@@ -279,9 +285,20 @@ def from_gsm8k(rec, ctx):
 MEDMCQA_OPTIONS = ["opa", "opb", "opc", "opd", "ope"]
 
 
+def as_int(v) -> int | None:
+    """3, 3.0 and "3" -> 3 (a CSV cell, a float column); anything else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and re.fullmatch(r"-?\d+", v.strip()):
+        return int(v)
+    return v if isinstance(v, int) else None
+
+
 def from_medqa(rec, ctx):
-    if "options" in rec:
-        keys, texts = options_of(rec["options"], "options")
+    if "options" in rec or "opa" not in ctx["fields"]:
+        keys, texts = options_of(rec.get("options"), "options")
         used, name = {"options"}, "options"
     else:                                                 # MedMCQA
         cols = [c for c in MEDMCQA_OPTIONS if c in ctx["fields"]]
@@ -294,18 +311,17 @@ def from_medqa(rec, ctx):
         said = rec.get("answer")
         if isinstance(said, str) and said.strip():     # MedQA gives both: they must agree
             hit = [i for i, t in enumerate(texts) if t and fold(t) == fold(said)]
+            label = keys or LETTERS
             if hit and pos not in hit:
-                raise RowError("answer", f"the text {said[:40]!r} is option {LETTERS[hit[0]]}, "
-                                         f"answer_idx says {LETTERS[pos]}")
+                raise RowError("answer", f"the text {said[:40]!r} is option {label[hit[0]]}, "
+                                         f"answer_idx says {label[pos]}")
             used.add("answer")
     elif rec.get("cop") is not None:
-        cop = rec["cop"]
-        if isinstance(cop, str) and re.fullmatch(r"-?\d+", cop.strip()):
-            cop = int(cop)
+        cop = as_int(rec["cop"])
         if cop == -1:
             raise RowError("cop", "-1: no answer given (MedMCQA's test split has none)")
-        if not isinstance(cop, int) or isinstance(cop, bool):
-            raise RowError("cop", f"expected an option number, got {json.dumps(cop)[:40]}")
+        if cop is None:
+            raise RowError("cop", f"expected an option number, got {json.dumps(rec['cop'])[:40]}")
         pos = answer_position(cop - ctx["cop_base"], None, texts, "cop", ("index",))
         used.add("cop")
     else:
@@ -337,9 +353,10 @@ def from_columns(rec, ctx):
         a = text_of(rec, m["answer"])
         num = number_of(a)
         q["answer"], q["answer_type"] = (num, "number") if num is not None else (a, "text")
-    for key in ("subtype", "lesson"):
-        if key in m:
-            q[key] = text_of(rec, m[key])
+    for key in ("subtype", "lesson"):     # a lesson may be missing; a sub-type may not (a cluster mixing
+        if key in m:                      # sub-types and none would break grouping by (cluster, sub-type))
+            if text_of(rec, m[key], required=key == "subtype"):
+                q[key] = text_of(rec, m[key])
             used.add(m[key])
     return q, used, notes
 
@@ -421,7 +438,9 @@ def parse_map(s):
             raise common.flag_error("map", s, f"{part!r} is not key=column")
         if key not in MAP_KEYS:
             raise common.flag_error("map", s, f"unknown key {key!r} (keys: {', '.join(MAP_KEYS)})")
-        mapping[key] = [c.strip() for c in col.split("|")] if key == "choices" else col
+        mapping[key] = [c.strip() for c in col.split("|") if c.strip()] if key == "choices" else col
+    if len(mapping.get("choices", [])) > len(LETTERS):
+        raise common.flag_error("map", s, f"{len(mapping['choices'])} option columns; at most {len(LETTERS)}")
     if "question" not in mapping or "answer" not in mapping:
         raise common.flag_error("map", s, "needs at least question=COLUMN and answer=COLUMN")
     return mapping
@@ -474,7 +493,7 @@ def main():
     cluster_field = cluster_field or next((f for f in DEFAULT_CLUSTER[args.format] if f in fields), None)
     ctx = {"fields": fields, "map": mapping, "cop_base": 0}
     if args.format == "medqa" and "options" not in fields and "cop" in fields:
-        cops = {int(c) for _, r in rows if isinstance(r, dict) and re.fullmatch(r"-?\d+", str(c := r.get("cop")))}
+        cops = {c for _, r in rows if isinstance(r, dict) for c in [as_int(r.get("cop"))]}
         ctx["cop_base"] = 1 if 4 in cops and 0 not in cops else 0     # HF: 0-3; original release: 1-4
         print(f"MedMCQA layout: cop read as {ctx['cop_base']}-based ({'original release' if ctx['cop_base'] else 'HF datasets'})")
     name = str(path)
@@ -499,8 +518,8 @@ def main():
             skip_lines.append(f"{name}:{row}: {e}")
             continue
         reported += [f"{name}:{row}: {n}" for n in notes]
-        meta = {"source": f"{path.name}:{row}", **q.pop("meta", {}),
-                **{k: v for k, v in rec.items() if k not in used and v not in (None, "")}}
+        meta = {**{k: v for k, v in rec.items() if k not in used and v not in (None, "")},
+                **q.pop("meta", {}), "imported_from": f"{path.name}:{row}"}
         questions.append({"id": f"{path.stem}-{row:05d}", "cluster": cluster, **q, "meta": meta})
 
     # ---- every cluster needs a Q'

@@ -52,15 +52,16 @@ def convert(tmp_path, monkeypatch, capsys):
 def fails(tmp_path, monkeypatch, capsys):
     """fails(name, text, *flags) -> the one error line, after checking exit 2 and nothing written."""
     def run(name, text, *flags):
-        src = tmp_path / name
+        d = tmp_path / "failing"
+        d.mkdir(exist_ok=True)
+        src, out = d / name, d / "out.jsonl"
         src.write_text(text, encoding="utf-8")
-        out = tmp_path / "out.jsonl"
         monkeypatch.setattr(sys, "argv", ["import.py", str(src), "--out", str(out), *flags])
         with pytest.raises(SystemExit) as e:
             common.run_main(imp.main)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-        assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [name], "something was written"
+        assert [p.name for p in d.iterdir()] == [name], "something was written"
         return err[0], str(src)
     return run
 
@@ -115,7 +116,7 @@ def test_gsm8k_final_answer_becomes_a_number_question(convert):
     qs, out = convert("gsm8k.jsonl", jsonl(GSM8K), "--format", "gsm8k")
     assert [(q.answer, q.answer_type) for q in qs] == [("1234", "number"), ("-3", "number"), ("0.5", "number")]
     assert {q.cluster for q in qs} == {"gsm8k"}                      # no topic field: one cluster, the file's name
-    assert qs[0].meta["solution"].endswith("1234 hens.") and qs[0].meta["source"] == "gsm8k.jsonl:1"
+    assert qs[0].meta["solution"].endswith("1234 hens.") and qs[0].meta["imported_from"] == "gsm8k.jsonl:1"
     assert common.verify(qs[0], " 1,234")[0] == 1.0 and common.verify(qs[1], " -3")[0] == 1.0
     assert "gsm8k.jsonl:4: field 'answer': the final answer 'five' is not a number" in out
     assert "gsm8k.jsonl:5: field 'answer': no final answer '#### N'" in out
@@ -184,6 +185,21 @@ def test_columns_without_choices_gives_number_and_text_questions(convert):
     qs, out = convert("mine.jsonl", jsonl(rows), "--format", "columns", "--map", "question=q,answer=a,cluster=t")
     assert [(q.answer, q.answer_type) for q in qs] == [("Paris", "text"), ("Tokyo", "text"), ("4", "number"), ("1000", "number")]
     assert "(text 2, number 2)" in out
+
+
+def test_json_array_tsv_and_number_edge_cases(convert, fails):
+    rows = [{"question": "Q1", "subject": "s", "choices": ["x", "y"], "answer": 1.0},     # a float column
+            {"question": "Q2", "subject": "s", "choices": ["x", "y"], "answer": 0.5},
+            {"question": "Q3", "subject": "s", "choices": ["x", "y"], "answer": "(A)"}]
+    qs, out = convert("arr.json", json.dumps(rows, indent=1), "--format", "mmlu")     # a JSON array: rows by position
+    assert [(q.id, q.answer) for q in qs] == [("arr-00001", "B"), ("arr-00003", "A")]
+    assert "arr.json:2: field 'answer': index 0.5 is not one of 0..1" in out
+    tsv = 'q\ta\tt\nList two, "quoted"?\t1, 2\tx\nHow many?\t1,000\tx\nDollars?\t$5.\tx\n'
+    qs, _ = convert("t.tsv", tsv, "--format", "columns", "--map", "question=q,answer=a,cluster=t")
+    assert qs[0].question == 'List two, "quoted"?'
+    assert [(q.answer, q.answer_type) for q in qs] == [("1, 2", "text"), ("1000", "number"), ("5", "number")]
+    msg, src = fails("bad.csv", "", "--format", "columns", "--map", "question=q,answer=a")
+    assert msg == f"error: {src}: no rows"
 
 
 def test_empty_and_duplicate_options_reported_per_row(convert):
