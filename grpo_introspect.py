@@ -181,7 +181,8 @@ def main():
     if not train:
         raise common.UserError(f"{args.data}: no question has a Q' of the same {args.transfer_by} outside the canary set")
     if args.oracle and any(not q.lesson for q in train):  # imported sets (data/import.py) have no lessons
-        print(f"oracle: skipped on {sum(not q.lesson for q in train)} of {len(train)} training questions: no `lesson` in {args.data}")
+        print(f"oracle: skipped on {sum(not q.lesson for q in train)} of {len(train)} training questions: "
+              f"no `lesson` in {args.data}")
     out = common.setup_run(args, "grpo_introspect")
     order = [train[i] for i in np.random.default_rng(args.seed).permutation(len(train))]
     library_path, metrics_path = out / "library.json", out / "metrics.jsonl"

@@ -37,7 +37,8 @@ replaces --out).
 
     python data/import.py mmlu-clinical-raw.jsonl --format mmlu --out data/mmlu-clinical.jsonl
     python data/import.py gsm8k-test.jsonl --format gsm8k --out data/gsm8k.jsonl --limit 200 --seed 1
-    python data/import.py my.csv --format columns --map question=stem,choices=a|b|c|d,answer=key,cluster=topic --out data/my.jsonl
+    python data/import.py my.csv --format columns --out data/my.jsonl \
+        --map "question=stem,choices=a|b|c|d,answer=key,cluster=topic"
 """
 import argparse
 import ast
@@ -86,8 +87,8 @@ def read_rows(path: Path, fmt: str):
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise common.DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        rows = [(i, rec if isinstance(rec, dict) else RowError(None, f"expected a JSON object, got {type(rec).__name__}"))
-                for i, rec in enumerate(items, 1)]
+        rows = [(i, rec if isinstance(rec, dict) else
+                 RowError(None, f"expected a JSON object, got {type(rec).__name__}")) for i, rec in enumerate(items, 1)]
     else:                                                 # JSON lines (what Dataset.to_json writes)
         rows = []
         for ln, raw in enumerate(text.split("\n"), 1):    # not splitlines(): U+2028 may sit inside a string
@@ -216,7 +217,8 @@ def answer_position(raw, keys, texts, name, ways) -> int:
     if len(set(found.values())) == 1:
         return next(iter(found.values()))
     if found:
-        raise RowError(name, f"{s[:40]!r} is ambiguous: " + ", ".join(f"option {LETTERS[i]} by its {w}" for w, i in found.items()))
+        readings = ", ".join(f"option {LETTERS[i]} by its {w}" for w, i in found.items())
+        raise RowError(name, f"{s[:40]!r} is ambiguous: {readings}")
     said = {"index": f"an index 0..{n - 1}", "letter": f"a letter {LETTERS[0]}-{LETTERS[n - 1]}",
             "key": "an option key" + (f" ({', '.join(keys)})" if keys else ""), "text": "an option's text"}
     raise RowError(name, f"{s[:40]!r} is not " + " or ".join(said[w] for w in ways if w != "key" or keys))
@@ -375,7 +377,8 @@ def expected_fields(fmt, fields, mapping):
         ok = "question" in f and ("options" in f or "opa" in f) and bool(f & {"answer_idx", "answer", "cop"})
         want = "question, options (or opa..opd), answer_idx or answer (or cop)"
     else:
-        need = [mapping[k] for k in ("question", "answer", "subtype", "lesson") if k in mapping] + mapping.get("choices", [])
+        need = [mapping[k] for k in ("question", "answer", "subtype", "lesson") if k in mapping]
+        need += mapping.get("choices", [])
         ok, want = all(c in f for c in need), ", ".join(need) + " (from --map)"
     return None if ok else want
 
@@ -463,10 +466,11 @@ def main():
     mapping = {}
     if args.format == "columns":
         if not args.map:
-            raise common.UserError("--format columns needs --map question=COLUMN,answer=COLUMN[,choices=A|B|C|D,cluster=COLUMN]")
+            raise common.UserError("--format columns needs --map question=COLUMN,answer=COLUMN"
+                                   "[,choices=A|B|C|D,cluster=COLUMN]")
         mapping = parse_map(args.map)
     elif args.map:
-        raise common.flag_error("map", args.map, f"only with --format columns (--format {args.format} knows its fields)")
+        raise common.flag_error("map", args.map, f"only with --format columns ({args.format} knows its fields)")
     path, out = Path(args.file), Path(args.out)
     if not path.is_file():
         raise common.UserError(f"{path}: no such file")
@@ -495,7 +499,8 @@ def main():
     if args.format == "medqa" and "options" not in fields and "cop" in fields:
         cops = {c for _, r in rows if isinstance(r, dict) for c in [as_int(r.get("cop"))]}
         ctx["cop_base"] = 1 if 4 in cops and 0 not in cops else 0     # HF: 0-3; original release: 1-4
-        print(f"MedMCQA layout: cop read as {ctx['cop_base']}-based ({'original release' if ctx['cop_base'] else 'HF datasets'})")
+        print(f"MedMCQA layout: cop read as {ctx['cop_base']}-based "
+              f"({'the original release' if ctx['cop_base'] else 'the HF dataset'})")
     name = str(path)
     print(f"read {len(rows)} rows of {name} as {args.format}; " + (
         f"clusters from field {cluster_field!r}" if cluster_field else
@@ -532,12 +537,13 @@ def main():
         print(f"--limit {args.limit} --seed {args.seed}: kept {len(questions)} of {before} questions")
 
     # ---- summary
-    show(f"skipped {plural(sum(skipped.values()), 'row')} (" + ", ".join(f"{k}: {n}" for k, n in skipped.most_common()) + "):",
-         skip_lines)
+    why = ", ".join(f"{k}: {n}" for k, n in skipped.most_common())
+    show(f"skipped {plural(sum(skipped.values()), 'row')} ({why}):", skip_lines)
     show(f"reported {plural(len(reported), 'problem')} with options (the rows are kept):", reported)
     if alone:
+        names = ", ".join(repr(c) for c in alone[:10]) + (" ..." if len(alone) > 10 else "")
         print(f"dropped {plural(len(alone), 'question')}: {plural(len(alone), 'cluster')} with a single question "
-              f"(every cluster needs a second one, Q'): " + ", ".join(repr(c) for c in alone[:10]) + (" ..." if len(alone) > 10 else ""))
+              f"(every cluster needs a second one, Q'): {names}")
     if not questions:
         raise common.DataError(f"{path}: no question left to write (see above)")
     subtypes = Counter((q["cluster"], q.get("subtype")) for q in questions if q.get("subtype"))
