@@ -180,9 +180,6 @@ def main():
     train = [q for q in train if transfer_pool(pool, q, args.transfer_by)]
     if not train:
         raise common.UserError(f"{args.data}: no question has a Q' of the same {args.transfer_by} outside the canary set")
-    if args.oracle and any(not q.lesson for q in train):  # imported sets (data/import.py) have no lessons
-        print(f"oracle: skipped on {sum(not q.lesson for q in train)} of {len(train)} training questions: "
-              f"no `lesson` in {args.data}")
     out = common.setup_run(args, "grpo_introspect")
     order = [train[i] for i in np.random.default_rng(args.seed).permutation(len(train))]
     library_path, metrics_path = out / "library.json", out / "metrics.jsonl"
@@ -361,7 +358,7 @@ def write_report(out, args, model, tok, library, pool):
               f"- introspections scored: {len(entries)}; used for an update: {sum(e['used_for_update'] for e in entries)}",
               f"- regularisation advantage (A_intro on Q' != Q), mean over introspections: {fmt(common.mean_ci(allA, binary=False))}",
               f"- validation advantage (same question Q): {fmt(common.mean_ci(allV, binary=False))}",
-              f"- oracle (known-good lesson) A on Q': {fmt(common.mean_ci(oracle, binary=False)) if oracle else 'not run (--no-oracle)' if not args.oracle else 'not run (no lesson in the data)'}",
+              f"- oracle (known-good lesson) A on Q': {fmt(common.mean_ci(oracle, binary=False)) if oracle else 'not run (--oracle)'}",
               f"- variance of the A estimates, paired / unpaired sampling: {vp / vu:.2f} (summed over every lesson scored)"
               if vu > 0 else "- paired / unpaired variance: no lesson scored with any variance",
               f"- meta-gaming flagged: {sum(e['meta_gaming'] for e in entries)} of {len(entries)}"]
