@@ -93,7 +93,8 @@ def test_mmlu_as_saved_by_datasets_round_trips(convert):
 
 
 def test_mmlu_original_csv_without_header_quotes_and_non_ascii(convert):
-    rows = [['A man says "it hurts", then,\nafter a pause, faints. Which nerve?', "Café nerve", "vagus, left", "ulnar", "radial", "B"],
+    rows = [['A man says "it hurts", then,\nafter a pause, faints. Which nerve?',
+             "Café nerve", "vagus, left", "ulnar", "radial", "B"],
             ["Which muscle flexes the elbow?", "biceps", "triceps", "deltoid", "trapezius", "A"]]
     qs, out = convert("anatomy_test.csv", to_csv(rows), "--format", "mmlu")
     assert [q.cluster for q in qs] == ["anatomy", "anatomy"]        # the subject is in the file name
@@ -183,7 +184,8 @@ def test_columns_without_choices_gives_number_and_text_questions(convert):
     rows = [{"q": "Capital of France?", "a": "Paris", "t": "geo"}, {"q": "Capital of Japan?", "a": "Tokyo", "t": "geo"},
             {"q": "2 + 2?", "a": 4, "t": "sums"}, {"q": "Big sum?", "a": "1,000", "t": "sums"}]
     qs, out = convert("mine.jsonl", jsonl(rows), "--format", "columns", "--map", "question=q,answer=a,cluster=t")
-    assert [(q.answer, q.answer_type) for q in qs] == [("Paris", "text"), ("Tokyo", "text"), ("4", "number"), ("1000", "number")]
+    assert [(q.answer, q.answer_type) for q in qs] == [
+        ("Paris", "text"), ("Tokyo", "text"), ("4", "number"), ("1000", "number")]
     assert "(text 2, number 2)" in out
 
 
@@ -200,6 +202,25 @@ def test_json_array_tsv_and_number_edge_cases(convert, fails):
     assert [(q.answer, q.answer_type) for q in qs] == [("1, 2", "text"), ("1000", "number"), ("5", "number")]
     msg, src = fails("bad.csv", "", "--format", "columns", "--map", "question=q,answer=a")
     assert msg == f"error: {src}: no rows"
+
+
+@pytest.mark.parametrize("raw, keys, ways, pos", [
+    (2, None, ("index", "letter"), 2), (2.0, None, ("index",), 2), ("2", None, ("index", "letter"), 2),
+    ("C", None, ("index", "letter"), 2), ("(c)", None, ("letter",), 2), ("C.", None, ("letter",), 2),
+    ("opc", ["opa", "opb", "opc"], ("key",), 2), ("C", ["A", "B", "C"], ("key",), 2),
+    ("  CHEESE ", None, ("text",), 2), ("cheese", None, ("letter", "index", "text"), 2),
+])
+def test_answer_as_index_letter_key_or_text(raw, keys, ways, pos):
+    assert imp.answer_position(raw, keys, ["bread", "butter", "Cheese"], "answer", ways) == pos
+
+
+def test_options_as_list_dict_key_value_or_a_list_in_a_cell():
+    assert imp.options_of(["x", " y ", 3], "c") == (None, ["x", "y", "3"])
+    assert imp.options_of({"B": "y", "A": "x"}, "c") == (["A", "B"], ["x", "y"])       # letter keys sorted
+    assert imp.options_of([{"key": "A", "value": "x"}, {"key": "B", "value": "y"}], "c") == (["A", "B"], ["x", "y"])
+    assert imp.options_of('["x", "y"]', "c") == imp.options_of("['x', 'y']", "c") == (None, ["x", "y"])
+    with pytest.raises(imp.RowError, match="field 'c': 11 options"):
+        imp.options_of(list("abcdefghijk"), "c")
 
 
 def test_empty_and_duplicate_options_reported_per_row(convert):
