@@ -55,16 +55,17 @@ def bootstrap(arms: dict, B: int, rng) -> dict:
     qi = rng.integers(0, Q, (B, Q))                                   # (B, Q)
     si = rng.integers(0, S, (B, Q, S))                                # (B, Q, S)
     boot = {k: v[qi[:, :, None], si].mean(axis=(1, 2)) for k, v in arms.items()}   # (B,)
-    boot["oracle_adv"] = boot["lesson"] - boot["base"]
-    boot["null_adv"] = boot["unrelated"] - boot["base"]
     point = {k: float(v.mean()) for k, v in arms.items()}
-    point["oracle_adv"] = point["lesson"] - point["base"]
-    point["null_adv"] = point["unrelated"] - point["base"]
+    for adv, arm in (("oracle_adv", "lesson"), ("null_adv", "unrelated")):
+        if arm in arms:                                               # a set without lessons has base only
+            boot[adv], point[adv] = boot[arm] - boot["base"], point[arm] - point["base"]
     return {k: {"mean": point[k], "lo": float(np.percentile(boot[k], 2.5)),
                 "hi": float(np.percentile(boot[k], 97.5)), "n": Q * S} for k in point}
 
 
 def verdict(r) -> str:
+    if "lesson" not in r:
+        return "base only (no lessons)"
     in_range = 0.10 <= r["base"]["mean"] <= 0.80
     if in_range and r["lesson"]["lo"] > r["base"]["hi"]:
         return "signal"
@@ -74,6 +75,8 @@ def verdict(r) -> str:
 
 
 def fmt(x, signed=False):
+    if x is None:
+        return "-"
     s = "+" if signed else ""
     return f"{x['mean']:{s}.2f} [{x['lo']:{s}.2f}, {x['hi']:{s}.2f}]"
 
@@ -100,10 +103,18 @@ def main():
     t0 = time.time()
     rows, raw = [], {}
     for path, questions in sets.items():
+        arms, missing = ARMS, sum(not q.lesson for q in questions)
+        if missing:                 # imported sets (data/import.py) have no lessons
+            arms = ("base",)
+            print(f"{path}: {missing} of {len(questions)} questions have no `lesson`: "
+                  f"lesson and unrelated arms skipped, base accuracy only")
+        elif len({q.cluster for q in questions}) == 1:
+            arms = ("base", "lesson")
+            print(f"{path}: one cluster, so no unrelated lesson: unrelated arm skipped")
         lessons = {"base": [None] * len(questions), "lesson": [q.lesson for q in questions],
-                   "unrelated": unrelated_lessons(questions)}
+                   "unrelated": unrelated_lessons(questions) if "unrelated" in arms else None}
         rewards = {}
-        for arm in ARMS:
+        for arm in arms:
             prompts = [common.question_prompt(tok, q, lesson=l) for q, l in zip(questions, lessons[arm])]
             # Same seed in every arm: row j of question i gets the same uniforms in all three arms.
             out = common.sample(model, tok, prompts, n=args.samples, max_new_tokens=args.max_new_tokens,
@@ -115,11 +126,11 @@ def main():
         for i, q in enumerate(questions):
             groups.setdefault((q.cluster, q.subtype or "-"), []).append(i)
         for (cluster, sub), idx in groups.items():
-            res = bootstrap({a: rewards[a][idx] for a in ARMS}, args.bootstrap, rng)
+            res = bootstrap({a: rewards[a][idx] for a in arms}, args.bootstrap, rng)
             rows.append({"set": Path(path).name, "cluster": cluster, "subtype": sub,
                          "questions": len(idx), **res})
         raw[path] = {"ids": [q.id for q in questions],
-                     **{a: rewards[a].mean(1).round(4).tolist() for a in ARMS}}
+                     **{a: rewards[a].mean(1).round(4).tolist() for a in arms}}
     elapsed = time.time() - t0
 
     dev = next(model.parameters())
@@ -139,8 +150,8 @@ def main():
     ]
     for r in rows:
         lines.append(f"| {r['set']} | {r['cluster']} | {r['subtype']} | {r['questions']}x{args.samples} | "
-                     f"{fmt(r['base'])} | {fmt(r['lesson'])} | {fmt(r['unrelated'])} | "
-                     f"{fmt(r['oracle_adv'], True)} | {fmt(r['null_adv'], True)} | {verdict(r)} |")
+                     f"{fmt(r['base'])} | {fmt(r.get('lesson'))} | {fmt(r.get('unrelated'))} | "
+                     f"{fmt(r.get('oracle_adv'), True)} | {fmt(r.get('null_adv'), True)} | {verdict(r)} |")
     Path(args.report).write_text("\n".join(lines) + "\n")
     common.atomic_write_json(Path(args.report).with_suffix(".json"),
                              {"config": vars(args), "rows": rows, "per_question": raw})

@@ -15,6 +15,7 @@ import common
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = str(ROOT / "data" / "procedural.jsonl")
+SAMPLE = str(ROOT / "data" / "sample.jsonl")
 
 # script -> arguments every row of it gets (an existing data file, so only the bad flag is wrong)
 BASE = {
@@ -22,6 +23,7 @@ BASE = {
     "data/make_procedural.py": [],
     "data/calibrate.py": ["--data", DATA],
     "bench/bench_memory.py": ["--data", DATA],
+    "data/import.py": [SAMPLE, "--format", "columns", "--map", "question=question,choices=choices,answer=answer,cluster=cluster"],
 }
 
 # (script, bad arguments, what the one line must name)
@@ -57,6 +59,16 @@ CASES = [
     ("bench/bench_memory.py", ["--steps", "0"], "--steps 0"),
     ("bench/bench_memory.py", ["--N", "0"], "--N 0"),
     ("bench/bench_memory.py", ["--device", "cuda:7"], "--device cuda:7"),
+    ("data/import.py", ["--limit", "0"], "--limit 0: must be at least 2"),
+    ("data/import.py", ["--limit", "1"], "--limit 1: must be at least 2"),
+    ("data/import.py", ["--seed", "-1"], "--seed -1"),
+    ("data/import.py", ["--cluster-field", "topic"], "--cluster-field topic: no such field"),
+    ("data/import.py", ["--map", "question=question"], "needs at least question=COLUMN and answer=COLUMN"),
+    ("data/import.py", ["--map", "question=question,answer=answer,lessson=x"], "unknown key 'lessson'"),
+    ("data/import.py", ["--map", "question=stem,answer=key"], "expected fields stem, key"),
+    ("data/import.py", ["--format", "mmlu"], "--map question=question"),            # --map is for columns only
+    ("data/import.py", ["--out", SAMPLE], "is the input file"),
+    ("data/import.py", ["--strict"], "sample.jsonl:1: field 'choices': missing"),  # a number question, no options
 ]
 
 
