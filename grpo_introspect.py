@@ -411,6 +411,11 @@ def main():
 # report
 
 
+def type_key(t):
+    """Sort key of a (cluster, subtype) type; a cluster may mix named sub-types and none."""
+    return t[0], t[1] or ""
+
+
 def by_step(entries, key):
     """Per-step groups of one value per introspection: lessons of one step share Q', its baseline
     rows and their random numbers, so the step (not the lesson) is the independent unit."""
@@ -470,7 +475,7 @@ def write_report(out, args, model, tok, library, pool, canary_ids):
     best = {}
     for e in sorted(entries, key=lambda e: -e["A_intro"]["lo"]):
         best.setdefault((e["cluster"], e["subtype"]), []).append(e)
-    for (c, s), es in sorted(best.items()):
+    for (c, s), es in sorted(best.items(), key=lambda kv: type_key(kv[0])):
         for e in es[:2]:
             lines.append(f"- **{c}/{s}** A_intro {fmt(e['A_intro'])}: {e['text'][:200]!r}")
 
@@ -479,7 +484,7 @@ def write_report(out, args, model, tok, library, pool, canary_ids):
     # the winner's curse: every cell is a fresh measurement, on a question that was neither the
     # source Q nor a Q' of any row's lesson, with its own seed stream.
     if args.matrix_M and best:
-        keys = sorted({(q.cluster, q.subtype) for q in pool})
+        keys = sorted({(q.cluster, q.subtype) for q in pool}, key=type_key)
         rows = {k: v[0] for k, v in best.items()}
         used = {e["source_question"] for e in rows.values()} | {
             q for e in rows.values() for q in e["A_intro"]["transfer_questions"]}
