@@ -170,6 +170,7 @@ def main():
     p.add_argument("--matrix-M", type=int, default=4, help="rollouts per arm in the final transfer matrix (0: skip)")
     p.add_argument("--include-controls", action="store_true", help="also train on negative-control clusters")
     args = p.parse_args()
+    common.check_common_args(args)
 
     # ---- setup: data first (a bad file fails before the model loads)
     questions = common.load_questions(args.data)
@@ -191,6 +192,7 @@ def main():
     params = [p_ for p_ in model.parameters() if p_.requires_grad]
     opt = (torch.optim.SGD(params, lr=args.lr, momentum=0.0) if args.optimizer == "sgd"
            else torch.optim.AdamW(params, lr=args.lr))
+    rollout = common.rollout_copy(model, args.rollout_dtype)  # bf16 copy where bf16 is fast, else model itself
     start = 0
     if args.resume:
         state = common.load_resume_state(out, opt)
@@ -203,9 +205,10 @@ def main():
             common.atomic_write_text(metrics_path, "".join(ln + "\n" for ln in keep))
         print(f"resuming {out} at step {start} ({len(library['entries'])} introspections in the library)")
     print(f"run folder: {out}\ntraining on {len(train)} questions, canary {len(canary)}, data {args.data}")
+    print(f"weights in {next(model.parameters()).dtype}, rollouts in {next(rollout.parameters()).dtype}")
 
     def canary_accuracy():
-        res = score_lessons(model, tok, [(q, []) for q in canary], args.canary_samples, args.temperature,
+        res = score_lessons(rollout, tok, [(q, []) for q in canary], args.canary_samples, args.temperature,
                             seed=args.seed, max_new_tokens=args.answer_tokens, progress="canary")
         return common.mean_ci(np.concatenate([b for b, _ in res]), binary=True)
 
@@ -232,7 +235,7 @@ def main():
         # ---- 1. N rollouts on Q (optionally with correction turns)
         prompt = common.question_prompt(tok, Q, instruction=INTROSPECT_HINT)
         prompts = [prompt] * args.N
-        rollouts = common.sample(model, tok, [prompt], n=args.N, max_new_tokens=args.max_new_tokens,
+        rollouts = common.sample(rollout, tok, [prompt], n=args.N, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, stop=ROLLOUT_STOP, seed=seed, progress="rollouts on Q")
         rewards = [common.verify(Q, s.text)[0] for s in rollouts]
         turns = [0] * args.N
@@ -242,7 +245,7 @@ def main():
             if not wrong:
                 break
             retry = [prompts[i] + rollouts[i].text + CORRECTION for i in wrong]
-            again = common.sample(model, tok, retry, n=1, max_new_tokens=args.max_new_tokens,
+            again = common.sample(rollout, tok, retry, n=1, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, stop=ROLLOUT_STOP, seed=seed + turn)
             for i, p_i, s in zip(wrong, retry, again):
                 prompts[i], rollouts[i], turns[i], rewards[i] = p_i, s, turn, common.verify(Q, s.text)[0]
@@ -266,7 +269,7 @@ def main():
         scored = lessons + ([Q.lesson] if args.oracle and Q.lesson else [])
         A, val = [], []
         if scored:
-            res = score_lessons(model, tok, [(q, scored) for q in Qp + [Q]], args.M, args.temperature,
+            res = score_lessons(rollout, tok, [(q, scored) for q in Qp + [Q]], args.M, args.temperature,
                                 seed=seed, max_new_tokens=args.answer_tokens, progress="transfer rollouts")
             for k in range(len(scored)):
                 A.append(paired_advantage(np.concatenate([res[j][1][k] for j in range(len(Qp))]),
@@ -294,10 +297,14 @@ def main():
                 mask[b, :len(c)] = torch.tensor(introspection_mask(tok, c))
             adv = torch.tensor([max(a, 0.0) for _, a in upd], device=device)    # clamp(A_intro, min=0)
             loss = pg_loss(lp["logprobs"], mask, adv)
+            # how far the rollout policy (a bf16 copy) is from the trained one, on the trained tokens
+            rec["logprob_mismatch"] = common.logprob_mismatch([rollouts[i].logprobs for i, _ in upd],
+                                                              lp["logprobs"], mask)
             if torch.isfinite(loss):
                 loss.backward()
                 rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
                 opt.step()
+                rec["rollout_sync_s"] = common.sync_rollout(rollout, model)
                 rec["loss"] = float(loss)
             else:
                 rec["skipped"] = f"non-finite loss {float(loss)}"
@@ -322,7 +329,7 @@ def main():
                         upd=rec["updated"])
 
     # ---- report
-    write_report(out, args, model, tok, library, pool)
+    write_report(out, args, rollout, tok, library, pool)
     print(f"library: {library_path}\nmetrics: {metrics_path}\nreport:  {out / 'report.md'}")
 
 
