@@ -21,6 +21,10 @@ BASE = {
     "data/make_procedural.py": [],
     "data/calibrate.py": ["--data", DATA],
     "bench/bench_memory.py": ["--data", DATA],
+    "grpo_introspect.py": ["--data", DATA],
+    "bench/bench_sampler.py": [],
+    "bench/bench_rollouts.py": [],
+    "bench/bench_grpo_step.py": [],
 }
 
 # (script, bad arguments, what the one line must name)
@@ -37,6 +41,14 @@ CASES = [
     ("bench/bench_memory.py", ["--steps", "0"], "--steps 0"),
     ("bench/bench_memory.py", ["--N", "0"], "--N 0"),
     ("bench/bench_memory.py", ["--device", "cuda:7"], "--device cuda:7"),
+    ("grpo_introspect.py", ["--rollout-dtype", "float8"], "--rollout-dtype float8"),
+    ("bench/bench_sampler.py", ["--repeats", "0"], "--repeats 0"),
+    ("bench/bench_sampler.py", ["--n", "16", "0"], "--n 0"),
+    ("bench/bench_sampler.py", ["--dtypes", "float8"], "--dtypes float8"),
+    ("bench/bench_rollouts.py", ["--N", "0"], "--N 0"),
+    ("bench/bench_rollouts.py", ["--new-tokens", "0"], "--new-tokens 0"),
+    ("bench/bench_grpo_step.py", ["--steps", "0"], "--steps 0"),
+    ("bench/bench_grpo_step.py", ["--dtypes", "fp8"], "--dtypes fp8"),
 ]
 
 
