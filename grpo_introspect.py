@@ -249,6 +249,7 @@ def main():
     params = [p_ for p_ in model.parameters() if p_.requires_grad]
     opt = (torch.optim.SGD(params, lr=args.lr, momentum=0.0) if args.optimizer == "sgd"
            else torch.optim.AdamW(params, lr=args.lr))
+    rollout = common.rollout_copy(model, args.rollout_dtype)  # bf16 copy where bf16 is fast, else model itself
     start, metrics = 0, []
     if args.resume:
         state = common.load_resume_state(out, opt)
@@ -265,12 +266,13 @@ def main():
         print(f"resuming {out} at step {start} ({len(library['entries'])} introspections in the library, "
               f"{dropped} logged step(s) past the checkpoint dropped and redone)")
     print(f"run folder: {out}\ntraining on {len(train)} questions, canary {len(canary)}, data {args.data}")
+    print(f"weights in {next(model.parameters()).dtype}, rollouts in {next(rollout.parameters()).dtype}")
     if args.oracle and not any(q.lesson for q in train):
         print(f"note: {args.data} has no 'lesson' fields, so the oracle is skipped")
 
     def canary_accuracy():
         # the same row seeds at every check: a change in the canary is the model's, not the noise's
-        res = score_lessons(model, tok, [(q, []) for q in canary], args.canary_samples, args.temperature,
+        res = score_lessons(rollout, tok, [(q, []) for q in canary], args.canary_samples, args.temperature,
                             args.seed, "canary", (), args.answer_tokens, progress="canary")
         return common.cluster_bootstrap_ci([b for b, _ in res], seed=0)      # clustered by question
 
@@ -295,7 +297,7 @@ def main():
         # ---- 1. N rollouts on Q (optionally with correction turns), on their own seed stream
         prompt = common.question_prompt(tok, Q, instruction=INTROSPECT_HINT)
         prompts = [prompt] * args.N
-        rollouts = common.sample(model, tok, [prompt], n=args.N, max_new_tokens=args.max_new_tokens,
+        rollouts = common.sample(rollout, tok, [prompt], n=args.N, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, stop=ROLLOUT_STOP, progress="rollouts on Q",
                                  row_seeds=[common.stream_seed(args.seed, "rollout", step, j) for j in range(args.N)])
         rewards = [common.verify(Q, s.text)[0] for s in rollouts]
@@ -306,7 +308,7 @@ def main():
             if not wrong:
                 break
             retry = [prompts[i] + rollouts[i].text + CORRECTION for i in wrong]
-            again = common.sample(model, tok, retry, n=1, max_new_tokens=args.max_new_tokens,
+            again = common.sample(rollout, tok, retry, n=1, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, stop=ROLLOUT_STOP,
                                   row_seeds=[common.stream_seed(args.seed, "correction", step, turn, i) for i in wrong])
             for i, p_i, s in zip(wrong, retry, again):
@@ -333,7 +335,7 @@ def main():
         scored = lessons + ([oracle] if oracle else [])
         A, val, A_oracle = [], [], None
         if scored:
-            res = score_lessons(model, tok, [(q, scored) for q in Qp + [Q]], args.M, args.temperature,
+            res = score_lessons(rollout, tok, [(q, scored) for q in Qp + [Q]], args.M, args.temperature,
                                 args.seed, "transfer", (step,), args.answer_tokens, progress="transfer rollouts")
             both = [paired_advantage([res[j][1][k] for j in range(len(Qp))], [res[j][0] for j in range(len(Qp))])
                     for k in range(len(scored))]
@@ -364,6 +366,9 @@ def main():
             adv = torch.tensor([max(a, 0.0) for _, a in upd], device=device)    # clamp(A_intro, min=0)
             loss = pg_loss(lp["logprobs"], mask, adv)
             rec["loss"] = float(loss.detach())
+            # how far the rollout policy (a bf16 copy) is from the trained one, on the trained tokens
+            rec["logprob_mismatch"] = common.logprob_mismatch([rollouts[i].logprobs for i, _ in upd],
+                                                              lp["logprobs"], mask)
             if torch.isfinite(loss):
                 loss.backward()
                 gn = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
@@ -374,6 +379,7 @@ def main():
                     # measured, not lr x grad: at SGD lr 1e-6 and clip 1 most weights do not move
                     rec["weight_change"] = common.weight_delta(params, before)
                     del before
+                    rec["rollout_sync_s"] = common.sync_rollout(rollout, model)
                 else:
                     rec["skipped"] = f"non-finite gradient norm {gn}"
             else:
@@ -403,7 +409,7 @@ def main():
                         upd=rec["updated"])
 
     # ---- report
-    write_report(out, args, model, tok, library, pool, canary_ids)
+    write_report(out, args, rollout, tok, library, pool, canary_ids)
     print(f"library: {library_path}\nmetrics: {metrics_path}\nreport:  {out / 'report.md'}")
 
 

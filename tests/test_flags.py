@@ -24,6 +24,9 @@ BASE = {
     "data/calibrate.py": ["--data", DATA],
     "bench/bench_memory.py": ["--data", DATA],
     "data/import.py": [SAMPLE, "--format", "columns", "--map", "question=question,choices=choices,answer=answer,cluster=cluster"],
+    "bench/bench_sampler.py": [],
+    "bench/bench_rollouts.py": [],
+    "bench/bench_grpo_step.py": [],
 }
 
 # (script, bad arguments, what the one line must name)
@@ -69,6 +72,14 @@ CASES = [
     ("data/import.py", ["--format", "mmlu"], "--map question=question"),            # --map is for columns only
     ("data/import.py", ["--out", SAMPLE], "is the input file"),
     ("data/import.py", ["--strict"], "sample.jsonl:1: field 'choices': missing"),  # a number question, no options
+    ("grpo_introspect.py", ["--rollout-dtype", "float8"], "--rollout-dtype float8"),
+    ("bench/bench_sampler.py", ["--repeats", "0"], "--repeats 0"),
+    ("bench/bench_sampler.py", ["--n", "16", "0"], "--n 0"),
+    ("bench/bench_sampler.py", ["--dtypes", "float8"], "--dtypes float8"),
+    ("bench/bench_rollouts.py", ["--N", "0"], "--N 0"),
+    ("bench/bench_rollouts.py", ["--new-tokens", "0"], "--new-tokens 0"),
+    ("bench/bench_grpo_step.py", ["--steps", "0"], "--steps 0"),
+    ("bench/bench_grpo_step.py", ["--dtypes", "fp8"], "--dtypes fp8"),
 ]
 
 

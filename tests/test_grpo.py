@@ -302,7 +302,7 @@ def test_resume_restores_the_checkpoint_weights_not_the_base(tiny_run_files, tmp
     assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run must continue from its checkpoint"
     # the same steps as the straight run (the script's canary, keyed on the weights a process
     # starts with, and the timings are the only fields that may differ)
-    same = lambda m: {k: v for k, v in m.items() if k not in ("canary", "canary_alarm", "step_time", "peak_memory_mb")}
+    same = lambda m: {k: v for k, v in m.items() if k not in ("canary", "canary_alarm", "step_time", "peak_memory_mb", "rollout_sync_s")}
     assert [same(m) for m in resumed[0]] == [same(m) for m in straight[0]]
 
 
