@@ -634,9 +634,11 @@ def check_args(args):
         raise common.flag_error("pass_k", args.pass_k, f"k larger than n: at most --eval-samples {args.eval_samples}")
 
 
-def run_method(args, out: Path, split, log=print) -> dict:
+def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
     """Train one method in out/ (resuming if out/checkpoint exists and args.resume), evaluate on the
-    held-out test questions, write report.md; returns the summary (also out/eval.json)."""
+    held-out test questions, write report.md; returns the summary (also out/eval.json).
+    start_evals: (base test evaluation, dev curve's first point) of the same starting model,
+    shared by --compare so the base model is evaluated once (same seeds: the same numbers)."""
     levels = tuple(x.strip() for x in args.levels.split(",") if x.strip())
     train, dev, test = split["train"], split["dev"], split["test"]
     train_ids = {q.id for q in train}
@@ -687,6 +689,9 @@ def run_method(args, out: Path, split, log=print) -> dict:
             return eval_prompts(tok, qs, mem, levels, args.memory_tokens)
         return None
 
+    if state["base"] is None and start_evals is not None and not (args.method == "pmd" and args.freeze == "policy"):
+        state["base"], dev0 = copy.deepcopy(start_evals)
+        state["dev"], state["best"] = [dev0], {"epoch": 0, "dev": dev0["dev"]["mean"]}
     if state["base"] is None:
         log("evaluating the starting model on the held-out test questions...")
         state["base"] = evaluate(model, tok, test, args.eval_samples, args.temperature, args.max_new_tokens,
@@ -1111,7 +1116,9 @@ def main():
             common.atomic_write_json(d / "config.json", {"stage": "pmd_distill", **vars(sub)})
         common.seed_everything(args.seed)
         print(f"\n==== {name} ====")
-        results[name] = run_method(sub, d, split)
+        first = next(iter(results.values()), None)
+        shared = (first["base"]["per_question"], first["dev_curve"][0]) if first else None
+        results[name] = run_method(sub, d, split, start_evals=shared)
     write_compare_report(out, results)
     print(f"combined report: {out / 'report.md'}")
 
