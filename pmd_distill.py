@@ -581,7 +581,7 @@ def build_parser():
     p.add_argument("--G", type=int, default=8, help="rollouts per question")
     p.add_argument("--train-per-type", type=int, default=1, help="training questions per (cluster, sub-type)")
     p.add_argument("--dev-per-type", type=int, default=1, help="dev questions per type (checkpoint selection)")
-    p.add_argument("--test-per-type", type=int, default=2, help="held-out test questions per type")
+    p.add_argument("--test-per-type", type=int, default=1, help="held-out test questions per type")
     p.add_argument("--include-controls", action="store_true", help="also use the negative-control clusters")
     p.add_argument("--temperature", type=float, default=0.7, help="rollouts, and both distributions of the loss")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -605,7 +605,7 @@ def build_parser():
     p.add_argument("--gate-siblings", type=int, default=2, help="sibling questions an insight is validated on")
     p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out question (the n of pass@k)")
     p.add_argument("--pass-k", type=int, default=None, help="largest k of pass@k (default: --eval-samples)")
-    p.add_argument("--dev-samples", type=int, default=4)
+    p.add_argument("--dev-samples", type=int, default=2)
     p.add_argument("--save-every", type=int, default=4, help="checkpoint every this many steps (and at epoch ends)")
     return p
 
@@ -768,7 +768,7 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
                     loss = sdpo_loss(st["student_topk_logprobs"], te["extra_logprobs"], st["mask"], args.alpha,
                                      args.tail, n_active=n_active)
                 loss.backward()
-                total_loss += float(loss)
+                total_loss += float(loss.detach())
             loss_val = total_loss
             if math.isfinite(loss_val):
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
