@@ -876,9 +876,11 @@ def epoch_end(model, teacher, tok, mem, state, train, levels, args, epoch) -> di
     state["compute"]["reflection_tokens"] += n_tok
 
     def siblings(q):
-        # verified solutions of OTHER training questions of the same sub-type, this epoch
-        return [(by_id[x], solutions[x]) for x in sorted(solutions) if x != q.id
-                and (by_id[x].cluster, by_id[x].subtype) == (q.cluster, q.subtype)][:args.gate_siblings]
+        # verified solutions of OTHER training questions, this epoch: same sub-type first, then the
+        # rest of the cluster (with one training question per sub-type there is no same-sub-type one)
+        same = [x for x in sorted(solutions) if x != q.id and by_id[x].cluster == q.cluster]
+        same.sort(key=lambda x: by_id[x].subtype != q.subtype)
+        return [(by_id[x], solutions[x]) for x in same][:args.gate_siblings]
 
     sib = [siblings(q) for q, *_ in cands]
     gains, g_tok = gate_gains(teacher, tok, [c[1] for c in cands], sib, args.temperature)
