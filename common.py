@@ -546,9 +546,21 @@ def _lm_head_logprobs(head_weight, softcap, temperature, h, y, extra):
     return tuple(out)
 
 
+def _lm_head_student_topk(head_weight, softcap, temperature, h, y, k):
+    """Like _lm_head_logprobs, plus the chunk's own top-k log-probs WITH grad and their ids (the
+    ids are picked without grad; topk's values are a gather, so the gradient flows through them)."""
+    logits = F.linear(h, head_weight).float()                                 # (c, V)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logp = torch.log_softmax(logits / temperature, dim=-1)                    # (c, V)
+    vals, ids = logp.topk(k, dim=-1)                                          # (c, k), (c, k)
+    return logp.gather(1, y[:, None])[:, 0], vals, ids
+
+
 def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                    temperature: float = 1.0, chunk: int = 256, top_k: int = 0,
-                   extra_ids: torch.Tensor | None = None, pad_id: int = 0) -> dict:
+                   extra_ids: torch.Tensor | None = None, pad_id: int = 0,
+                   student_top_k: int = 0) -> dict:
     """Per-token log-probs of given completions under the model, with grad if grad is enabled.
 
     Sequences are right-padded prompt + completion with an explicit attention mask and position
@@ -566,10 +578,15 @@ def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list
       with top_k > 0: topk_logprobs, topk_ids (B, Tc, top_k) (no grad; for a teacher);
       with extra_ids (B, Tc, k): extra_logprobs (B, Tc, k) at those token ids (with grad; for a
       student scored on a teacher's top-k).
+      with student_top_k = k > 0: student_topk_logprobs (B, Tc, k) WITH grad and student_topk_ids
+      (B, Tc, k), the model's own top-k (SDPO's loss runs over the student's top-k; score the
+      teacher at these ids with extra_ids). Not combinable with extra_ids.
     """
     if not temperature > 0:
         raise ValueError(f"token_logprobs: temperature must be > 0 (got {temperature}); log-probs are "
                          f"divided by it. Train at the temperature the rollouts were sampled at.")
+    if student_top_k and extra_ids is not None:
+        raise ValueError("student_top_k and extra_ids are separate paths: score the student and the teacher in two calls")
     device = next(model.parameters()).device
     B = len(prompt_ids)
     lens = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
@@ -597,16 +614,22 @@ def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list
 
     weight = model.get_output_embeddings().weight
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    lp_parts, ex_parts, tk_vals, tk_ids = [], [], [], []
+    lp_parts, ex_parts, tk_vals, tk_ids, st_vals, st_ids = [], [], [], [], [], []
     for s in range(0, h.shape[0], chunk):
         hc, yc = h[s:s + chunk], y[s:s + chunk]
         ec = ex[s:s + chunk] if ex is not None else None
-        if torch.is_grad_enabled():
-            res = checkpoint(_lm_head_logprobs, weight, softcap, temperature, hc, yc, ec,
-                             use_reentrant=False)
+        if student_top_k:
+            fn, last = _lm_head_student_topk, student_top_k
         else:
-            res = _lm_head_logprobs(weight, softcap, temperature, hc, yc, ec)
+            fn, last = _lm_head_logprobs, ec
+        if torch.is_grad_enabled():
+            res = checkpoint(fn, weight, softcap, temperature, hc, yc, last, use_reentrant=False)
+        else:
+            res = fn(weight, softcap, temperature, hc, yc, last)
         lp_parts.append(res[0])
+        if student_top_k:
+            st_vals.append(res[1])
+            st_ids.append(res[2])
         if ec is not None:
             ex_parts.append(res[1])
         if top_k:
@@ -631,6 +654,9 @@ def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list
     if top_k:
         out["topk_logprobs"] = scatter(tk_vals, (top_k,))
         out["topk_ids"] = scatter(tk_ids, (top_k,)).long()
+    if student_top_k:
+        out["student_topk_logprobs"] = scatter(st_vals, (student_top_k,))
+        out["student_topk_ids"] = scatter(st_ids, (student_top_k,)).long()
     return out
 
 

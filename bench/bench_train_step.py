@@ -1,0 +1,156 @@
+"""Time one training step of each pmd_distill.py method at a fixed configuration, broken down into
+rollouts, teacher forward, student forward + backward (+ optimizer step), and memory update, with
+the peak memory of the process. Each (method, repeat) runs in a fresh subprocess, so the peak RSS
+is that step's own; the table gives the median of --repeats runs with min and max.
+
+    python bench/bench_train_step.py --model gemma            # B=2, G=8, 16 new tokens
+    python bench/bench_train_step.py --model gemma --methods grpo --repeats 3
+
+The step is the loop of pmd_distill.py, phase by phase, on the same fixed questions and seeds
+(the memory for pmd is pre-filled by one untimed batch, so retrieval has something to find).
+A comparison with TRL's GRPOTrainer is not included (TRL is not installed here; see bench/RESULTS.md).
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import pmd_distill as pmd  # noqa: E402
+
+PHASES = ("rollouts", "teacher_forward", "student_fwd_bwd", "memory_update", "total")
+
+
+def one_step(args) -> dict:
+    model, tok = common.load_model(args.model, args.device, args.dtype)
+    qs = [q for q in common.load_questions(args.data) if not q.meta.get("negative_control")]
+    qs = pmd.stratified_take(qs, 1)[:args.B]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    teacher = None
+    if args.method != "grpo":
+        teacher = __import__("copy").deepcopy(model).eval()
+        teacher.requires_grad_(False)
+    prompts = [common.question_prompt(tok, q) for q in qs]
+    mem = pmd.new_memory()
+    G, T = args.G, args.temperature
+
+    def rollouts(seed):
+        seeds = [common.row_seed(seed, b, j) for b in range(len(qs)) for j in range(G)]
+        roll = common.sample(model, tok, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=T,
+                             stop=pmd.ANSWER_STOP, row_seeds=seeds, min_new_tokens=args.min_new_tokens)
+        ver = [common.verify(qs[i // G], s.text) for i, s in enumerate(roll)]
+        return roll, [r for r, _ in ver], [f for _, f in ver]
+
+    if args.method == "pmd":   # untimed: one batch of experience so retrieval has entries
+        roll, rw, fb = rollouts(1)
+        for i, s in enumerate(roll):
+            pmd.add_experience(mem, qs[i // G], s.text, rw[i], fb[i], 0, 0)
+    t = {}
+    t0 = time.perf_counter()
+    roll, rewards, feedback = rollouts(0)
+    t["rollouts"] = time.perf_counter() - t0
+    comp = [s.token_ids for s in roll]
+    s_ids = [common.encode(tok, prompts[i // G]) for i in range(len(roll))]
+    t["teacher_forward"] = 0.0
+    t1 = time.perf_counter()
+    if args.method == "grpo":
+        A = pmd.grpo_advantages(torch.tensor(rewards).view(len(qs), G)).view(-1)
+        rows = list(range(len(roll)))
+        n_active = sum(len(comp[i]) for i in rows)
+        for s in range(0, len(rows), args.micro_batch):
+            mb = rows[s:s + args.micro_batch]
+            lp = common.token_logprobs(model, [s_ids[i] for i in mb], [comp[i] for i in mb], temperature=T,
+                                       pad_id=tok.pad_token_id)
+            (pmd.grpo_loss(lp["logprobs"], lp["mask"], A[mb]) * (lp["mask"].sum() / n_active)).backward()
+    else:
+        ctx = pmd.contexts(tok, qs, rewards, feedback, [s.text for s in roll], args.method, mem, pmd.LEVELS, 64)
+        rows = [i for i, c in enumerate(ctx) if c[0] is not None]
+        n_active = sum(len(comp[i]) for i in rows)
+        k = min(100, model.config.vocab_size)
+        for s in range(0, len(rows), args.micro_batch):
+            mb = rows[s:s + args.micro_batch]
+            st = common.token_logprobs(model, [s_ids[i] for i in mb], [comp[i] for i in mb], temperature=T,
+                                       pad_id=tok.pad_token_id, student_top_k=k)
+            ta = time.perf_counter()
+            with torch.no_grad():
+                te = common.token_logprobs(teacher, [common.encode(tok, ctx[i][0]) for i in mb], [comp[i] for i in mb],
+                                           temperature=T, pad_id=tok.pad_token_id, extra_ids=st["student_topk_ids"])
+            t["teacher_forward"] += time.perf_counter() - ta
+            pmd.sdpo_loss(st["student_topk_logprobs"], te["extra_logprobs"], st["mask"], 0.5, n_active=n_active).backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if teacher is not None:
+        pmd.ema_update(teacher, model, 0.05)
+    t["student_fwd_bwd"] = time.perf_counter() - t1 - t["teacher_forward"]
+    t2 = time.perf_counter()
+    if args.method == "pmd":
+        for i, s in enumerate(roll):
+            pmd.add_experience(mem, qs[i // G], s.text, rewards[i], feedback[i], 0, 1)
+        for q in qs:
+            pmd.retrieve(mem, q, pmd.LEVELS, tok, 64)
+    t["memory_update"] = time.perf_counter() - t2
+    t["total"] = time.perf_counter() - t0
+    dev = next(model.parameters()).device
+    return {**t, "peak_mb": common.peak_memory_mb(dev), "rows": len(roll), "trained_rows": len(rows),
+            "tokens": n_active}
+
+
+def main():
+    p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
+                               data=str(ROOT / "data" / "procedural.jsonl"))
+    p.add_argument("--methods", default="grpo,sdpo,pmd")
+    p.add_argument("--method", default=None, help=argparse.SUPPRESS)      # the subprocess's one step
+    p.add_argument("--B", type=int, default=2)
+    p.add_argument("--G", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="force this many tokens (fixed shapes)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    common.check_common_args(args)
+    common.check_at_least(args, ["B", "G", "max_new_tokens", "micro_batch", "repeats"])
+    common.check_at_least(args, ["min_new_tokens"], 0)
+    common.check_positive(args, ["temperature"])
+    bad = [m for m in args.methods.split(",") if m not in pmd.METHODS]
+    if bad:
+        raise common.flag_error("methods", args.methods, f"unknown method {bad[0]!r}; choose from {', '.join(pmd.METHODS)}")
+    common.load_questions(args.data)
+    if args.method:
+        common.seed_everything(args.seed)
+        print(json.dumps(one_step(args)))
+        return
+    rows = []
+    for m in args.methods.split(","):
+        runs = []
+        for r in range(args.repeats):
+            cmd = [sys.executable, __file__, "--method", m] + [a for a in sys.argv[1:]]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(out.stderr[-2000:])
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"{m} run {r + 1}: " + ", ".join(f"{k} {runs[-1][k]:.2f}" for k in PHASES), file=sys.stderr)
+        rows.append((m, runs))
+    print(f"\nmodel {args.model}, B={args.B}, G={args.G}, up to {args.max_new_tokens} new tokens "
+          f"(min {args.min_new_tokens}), micro-batch {args.micro_batch}; seconds, median [min, max] of {args.repeats}\n")
+    print("| method | " + " | ".join(PHASES) + " | peak RSS MB | trained rows / tokens |")
+    print("|---|" + "---|" * (len(PHASES) + 2))
+    for m, runs in rows:
+        cells = []
+        for k in PHASES + ("peak_mb",):
+            v = np.array([x[k] for x in runs])
+            cells.append(f"{np.median(v):.2f} [{v.min():.2f}, {v.max():.2f}]" if k != "peak_mb" else f"{np.median(v):.0f}")
+        print(f"| {m} | " + " | ".join(cells) + f" | {runs[0]['trained_rows']} / {runs[0]['tokens']} |")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
