@@ -107,12 +107,23 @@ def recalled_lesson(run: Path, cluster: str, subtype: str | None):
     return None, f"--recall-from {run}: no recalled text and no selection entry for {cluster}/{subtype}"
 
 
-def resolve_lesson(args):
-    """(lesson, cluster, subtype, source) from exactly one of --lesson, --library, --recall-from."""
+def resolve_lesson(args, questions):
+    """(lesson, cluster, subtype, source) from at most one of --lesson, --library, --recall-from;
+    with none of them, the type's own known-good `lesson` from --data."""
     given = [f for f in ("lesson", "library", "recall_from") if getattr(args, f) is not None]
-    if len(given) != 1:
-        raise common.UserError("give exactly one of --lesson TEXT, --library PATH, --recall-from RUN "
-                               f"(got {', '.join('--' + g.replace('_', '-') for g in given) or 'none'})")
+    if len(given) > 1:
+        raise common.UserError("give at most one of --lesson TEXT, --library PATH, --recall-from RUN "
+                               f"(got {', '.join('--' + g.replace('_', '-') for g in given)})")
+    if not given:
+        if args.cluster is None:
+            raise common.UserError("name the type to dream for with --cluster (and --subtype), and give "
+                                   "--lesson, --library or --recall-from (default: the type's lesson in --data)")
+        own = [q.lesson for q in questions if q.cluster == args.cluster and q.lesson
+               and (args.subtype is None or q.subtype == args.subtype)]
+        if not own:
+            raise common.UserError(f"no --lesson given and {args.data} has no lesson for "
+                                   f"{args.cluster}/{args.subtype}")
+        return Counter(own).most_common(1)[0][0], args.cluster, args.subtype, f"the type's lesson in {args.data}"
     if args.entry is not None and args.library is None:
         raise common.UserError("--entry needs --library")
     cluster, subtype = args.cluster, args.subtype
@@ -141,10 +152,10 @@ def resolve_lesson(args):
         lesson, source = recalled_lesson(Path(args.recall_from), cluster, subtype)
         if lesson is None:
             raise common.UserError(source)
-    if cluster is None:
-        raise common.UserError("--lesson needs --cluster (and --subtype): the type the lesson is for")
     if not str(lesson or "").strip():
         raise common.UserError(f"empty lesson (from {source})")
+    if cluster is None:
+        raise common.UserError("--lesson needs --cluster (and --subtype): the type the lesson is for")
     return str(lesson).strip(), cluster, subtype, source
 
 
@@ -423,7 +434,7 @@ def restore(model, state: dict) -> None:
 def main():
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
                                data="data/procedural.jsonl")
-    p.add_argument("--lesson", default=None, help="the lesson r to dream (needs --cluster, optional --subtype)")
+    p.add_argument("--lesson", default=None, help="the lesson r to dream (default: the type's lesson in --data)")
     p.add_argument("--cluster", default=None, help="the type the lesson is for")
     p.add_argument("--subtype", default=None)
     p.add_argument("--library", default=None, help="a grpo_introspect.py library.json: best entry of the type by A_intro's lower bound")
@@ -484,8 +495,8 @@ def main():
     if args.resume:
         raise common.UserError("--resume: dream.py does not resume (a run is short); start again with a new --out")
     check_model_arg(args.model)
-    lesson, cluster, subtype, source = resolve_lesson(args)
     questions = common.load_questions(args.data)
+    lesson, cluster, subtype, source = resolve_lesson(args, questions)
     kind = f"{cluster}/{subtype}" if subtype else cluster
     of_type = [q for q in questions if q.cluster == cluster and (subtype is None or q.subtype == subtype)]
     if not of_type:
@@ -694,16 +705,16 @@ def main():
                                            extra_ids=t_ids if method == "dream" else None, pad_id=tok.pad_token_id)
                 if method == "dream":
                     loss = pg_loss(lp["logprobs"], lp["mask"], torch.tensor(adv, dtype=torch.float32, device=device))
-                    rec["pg_loss"] = float(loss)
+                    rec["pg_loss"] = float(loss.detach())
                     if t_ids is not None:
                         cd = topk_tail_kl(t_lp, lp["extra_logprobs"], lp["mask"], args.cd_direction)
-                        rec["cd_kl"] = float(cd)
+                        rec["cd_kl"] = float(cd.detach())
                         loss = loss + args.cd_coef * cd
                 else:
                     loss = sft_loss(lp["logprobs"], lp["mask"])
                 if args.kl > 0 and replay:
                     kl = replay_kl()
-                    rec["kl_loss"] = float(kl)
+                    rec["kl_loss"] = float(kl.detach())
                     loss = loss + args.kl * kl
                 rec["tokens"] = int(lp["mask"].sum())
             rec.update(loss=None if loss is None else float(loss), grad_norm=None, updated=False)
