@@ -118,8 +118,10 @@ def resolve_lesson(args, questions):
         if args.cluster is None:
             raise common.UserError("name the type to dream for with --cluster (and --subtype), and give "
                                    "--lesson, --library or --recall-from (default: the type's lesson in --data)")
-        own = [q.lesson for q in questions if q.cluster == args.cluster and q.lesson
-               and (args.subtype is None or q.subtype == args.subtype)]
+        of_type = [q for q in questions if q.cluster == args.cluster and (args.subtype is None or q.subtype == args.subtype)]
+        own = [q.lesson for q in of_type if q.lesson]
+        if not of_type:
+            raise common.UserError(f"type {args.cluster}/{args.subtype} is not in {args.data}")
         if not own:
             raise common.UserError(f"no --lesson given and {args.data} has no lesson for "
                                    f"{args.cluster}/{args.subtype}")
