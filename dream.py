@@ -849,6 +849,27 @@ def write_report(out, args, lesson, source, kind, placebo, gate, before, results
                      f"{' (rolled back)' if r['rolled_back'] else ''} | {f(r['acc_after_x'], False)} | "
                      f"{f(r['change_x'])} | {ir_text(r['IR'])} | {f(r['agreement_after'], False)} | "
                      f"{f(r['acc_after_xr'], False)} | {f(r['canary_after'], False)} | {f(r['forgetting'])} |")
+    lines += ["", "## Per step", "",
+              "| arm | step | reward mean (std) | skipped groups | teacher majority ratio | label acc | reward acc | loss | grad norm |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        if "method" in m and "phase" not in m and not m.get("check"):
+            rm = f"{m['reward_mean']:.2f} ({m['reward_std']:.2f})" if "reward_mean" in m else "-"
+            lines.append(f"| {m['method']} | {m['step']} | {rm} | {m.get('skipped_groups', '-')} | "
+                         f"{m['teacher_majority_ratio']:.2f} | {f(m.get('label_accuracy', m.get('teacher_label_accuracy')), False)} | "
+                         f"{'-' if 'reward_accuracy' not in m else format(m['reward_accuracy'], '.2f')} | "
+                         f"{'-' if m['loss'] is None else format(m['loss'], '.3f')} | "
+                         f"{'-' if m['grad_norm'] is None else format(m['grad_norm'], '.2f')} |")
+    lines += ["", "Label acc of a distill step is the teacher samples' accuracy; reward acc is how often the "
+              "majority reward equals the true reward (TTRL); they diverge when the teacher is wrong.", "",
+              "## Checks (canary on other clusters, label-free dev agreement, KL to the pre-dream model on replay)", "",
+              "| arm | step | canary | dev agreement | KL(pre-dream \\|\\| student) per token | canary ok |", "|---|---|---|---|---|---|"]
+    for m in metrics:
+        if m.get("check"):
+            kl = "-" if m["kl_replay"] is None else f"{m['kl_replay']:.4f}"
+            lines.append(f"| {m['method']} | {m['step']} | {f(m['canary'], False)} | {f(m['dev_agreement'], False)} | "
+                         f"{kl} | {m['canary_ok']}{' (rolled back)' if 'rolled_back_to' in m else ''} |")
     lines += ["", "IR = (acc_after(x) - acc_before(x)) / (acc_before(x + r) - acc_before(x)), r the real lesson in every "
               "row: the placebo's row says how far dreaming a wrong lesson moves the model towards r's behaviour. Selected step 0 means dev preferred the pre-dream "
               "weights: nothing was internalised that dev could see.", "",
