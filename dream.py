@@ -17,7 +17,7 @@ The paper's four steps (section "Test-Time Adaptation"), as built here:
   4. Update by RL: GRPO on the student with no r in context.
 
 Around it: a gate (no context effect on dev -> nothing to internalise, stop; --force goes on), a
-canary on other clusters with --rollback, final weights chosen on dev only (label-free: agreement
+canary on other clusters (each asked with its own type's lesson) with --rollback, final weights chosen on dev only (label-free: agreement
 with the teacher's majority), and measurement on held-out questions: the internalisation ratio
 IR = (acc_after(x) - acc_before(x)) / (acc_before(x + r) - acc_before(x)), agreement with the
 teacher's majority before and after, acc_after(x + r), forgetting on the canary. Two controls run
@@ -404,10 +404,11 @@ def gate_passes(effect: dict) -> bool:
 
 
 def answer_samples(model, tok, qs, lesson, S, seed, args, progress=None):
-    """S samples per question (lesson injected or not); row j of question i draws its random
+    """S samples per question (lesson injected or not; a list gives each question its own); row j of question i draws its random
     numbers from row_seed(seed, i, j), so two calls with the same seed are paired row by row.
     Returns (samples, prompts, answers (Q, S) list, correct (Q, S) array)."""
-    prompts = [common.question_prompt(tok, q, lesson=lesson) for q in qs]
+    lessons = lesson if isinstance(lesson, list) else [lesson] * len(qs)      # one lesson for all, or one each
+    prompts = [common.question_prompt(tok, q, lesson=r) for q, r in zip(qs, lessons)]
     seeds = [common.row_seed(seed, i, j) for i in range(len(qs)) for j in range(S)]
     out = common.sample(model, tok, prompts, n=S, max_new_tokens=args.answer_tokens, temperature=args.temperature,
                         stop=ANSWER_STOP, row_seeds=seeds, progress=progress)
@@ -468,7 +469,7 @@ def main():
     p.add_argument("--kl", type=float, default=0.0, help="weight of KL(pre-dream || student) on replay questions (0: off)")
     p.add_argument("--replay-questions", type=int, default=4, help="questions of other types for the KL to pre-dream weights")
     p.add_argument("--canary-questions", type=int, default=6)
-    p.add_argument("--canary-samples", type=int, default=2)
+    p.add_argument("--canary-samples", type=int, default=3)
     p.add_argument("--canary-every", type=int, default=2, help="canary, dev and KL check every this many steps")
     p.add_argument("--rollback", action="store_true", help="on a canary below its starting interval, restore the last good weights and stop")
     p.add_argument("--gate-samples", type=int, default=8, help="samples per dev question and arm in the gate")
@@ -580,7 +581,11 @@ def main():
     def canary():
         if not canary_q or not args.canary_samples:
             return None
-        return answer_samples(model, tok, canary_q, None, args.canary_samples, cs, args, "canary")[3]
+        # Each canary question is asked with its OWN type's lesson where it has one: on this base model
+        # the other types without a lesson sit near 0 (data/README.md), too low to show forgetting,
+        # while using a lesson in context is exactly the skill dreaming could damage.
+        return answer_samples(model, tok, canary_q, [q.lesson for q in canary_q], args.canary_samples, cs, args,
+                              "canary")[3]
 
     def dev_check():
         ans = answer_samples(model, tok, dev_q, None, args.dev_samples, common.stream_seed(args.seed, "dev"), args, "dev")[2]
@@ -863,7 +868,7 @@ def write_report(out, args, lesson, source, kind, placebo, gate, before, results
                          f"{'-' if m['grad_norm'] is None else format(m['grad_norm'], '.2f')} |")
     lines += ["", "Label acc of a distill step is the teacher samples' accuracy; reward acc is how often the "
               "majority reward equals the true reward (TTRL); they diverge when the teacher is wrong.", "",
-              "## Checks (canary on other clusters, label-free dev agreement, KL to the pre-dream model on replay)", "",
+              "## Checks (canary: other clusters, each with its own lesson; label-free dev agreement, KL to the pre-dream model on replay)", "",
               "| arm | step | canary | dev agreement | KL(pre-dream \\|\\| student) per token | canary ok |", "|---|---|---|---|---|---|"]
     for m in metrics:
         if m.get("check"):

@@ -315,7 +315,7 @@ def test_gate_stops_a_lesson_with_no_effect(tiny_files, tmp_path, monkeypatch, c
 
 def test_forced_run_writes_report_record_and_the_dev_selected_checkpoint(tiny_files, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    run_tiny(tiny_files, out, "--force", "--method", "distill", "--steps", "2", "--canary-every", "1",
+    run_tiny(tiny_files, out, "--force", "--method", "distill", "--steps", "2", "--canary-every", "2",
              "--optimizer", "sgd", "--lr", "0.05", "--kl", "0.1", monkeypatch=monkeypatch)
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if m.get("method") == "distill" and "check" not in m and "phase" not in m]
