@@ -686,8 +686,11 @@ def main():
                 rec.update(reward_mean=float(R.mean()), reward_std=float(R.std()), skipped_groups=int((~keep).sum()),
                            label_accuracy=common.mean_ci(np.concatenate(lab), binary=True),
                            reward_accuracy=float(np.mean(np.concatenate(racc))))
-                rows = [g * args.N + j for g in range(len(xs)) if keep[g] for j in range(args.N)]
-                adv = [A[g, j] for g in range(len(xs)) if keep[g] for j in range(args.N)]
+                # GRPO trains the groups with variance; the distillation term, dense, trains every rollout
+                groups = [g for g in range(len(xs)) if keep[g] or teacher is not None]
+                rows = [g * args.N + j for g in groups for j in range(args.N)]
+                adv = [A[g, j] for g in groups for j in range(args.N)]
+                in_pg = torch.tensor([bool(keep[g]) for g in groups for j in range(args.N)], dtype=torch.bool)
                 ids = [common.encode(tok, prompts[roll[k].prompt_idx]) for k in rows]
                 comp = [roll[k].token_ids for k in rows]
                 t_ids = None
@@ -711,7 +714,8 @@ def main():
                 lp = common.token_logprobs(model, ids, comp, temperature=args.temperature if method == "dream" else 1.0,
                                            extra_ids=t_ids if method == "dream" else None, pad_id=tok.pad_token_id)
                 if method == "dream":
-                    loss = pg_loss(lp["logprobs"], lp["mask"], torch.tensor(adv, dtype=torch.float32, device=device))
+                    pg_mask = lp["mask"] & in_pg.to(device)[:, None]                   # (B, T): kept groups only
+                    loss = pg_loss(lp["logprobs"], pg_mask, torch.tensor(adv, dtype=torch.float32, device=device))
                     rec["pg_loss"] = float(loss.detach())
                     if t_ids is not None:
                         cd = topk_tail_kl(t_lp, lp["extra_logprobs"], lp["mask"], args.cd_direction)

@@ -332,3 +332,15 @@ def test_forced_run_writes_report_record_and_the_dev_selected_checkpoint(tiny_fi
     orig = AutoModelForCausalLM.from_pretrained(tiny_files / "model").state_dict()
     same = all(torch.equal(saved[k], orig[k]) for k in orig)
     assert same == (result["selected_step"] == 0)
+
+
+def test_distillation_term_trains_even_where_grpo_has_no_signal(tiny_files, tmp_path, monkeypatch):
+    """A random model earns reward 0 everywhere, so every GRPO group is skipped; the differentiable
+    context-distillation KL against the frozen teacher on x' + r still updates every rollout."""
+    out = tmp_path / "run"
+    run_tiny(tiny_files, out, "--force", "--reward", "verifier", "--cd-coef", "1", "--cd-top-k", "4", "--steps", "1",
+             "--no-controls", "--optimizer", "sgd", "--lr", "0.05", monkeypatch=monkeypatch)
+    step = next(json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()
+                if '"step": 1' in ln and '"check"' not in ln and '"phase"' not in ln)
+    assert step["skipped_groups"] == 2 and step["pg_loss"] == 0.0
+    assert step["cd_kl"] > 0 and step["updated"] and step["grad_norm"] > 0
