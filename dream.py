@@ -728,7 +728,7 @@ def main():
                     rec["kl_loss"] = float(kl.detach())
                     loss = loss + args.kl * kl
                 rec["tokens"] = int(lp["mask"].sum())
-            rec.update(loss=None if loss is None else float(loss), grad_norm=None, updated=False)
+            rec.update(loss=None if loss is None else float(loss.detach()), grad_norm=None, updated=False)
             if loss is not None and torch.isfinite(loss):
                 loss.backward()
                 rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
@@ -787,34 +787,34 @@ def main():
         common.append_jsonl(metrics_path, {"phase": "result", "arm": name, **res})
         return res
 
-    # ---- the main arm, saved; then the controls with the same budget
-    results = {}
-    main_name = args.method
-    results[main_name] = run_arm(main_name, args.method, lesson)
-    common.save_checkpoint(out, model, tok, step=args.steps,
-                           extra={"lesson": lesson, "selected_step": results[main_name]["selected_step"]})
-    if args.controls:
-        if placebo:
-            results["placebo"] = run_arm("placebo", args.method, placebo)
-        other = "distill" if args.method == "dream" else "dream"
-        results[other] = run_arm(other, other, lesson)
-
-    # ---- report and the record of the lesson dreamt
+    # ---- the main arm: its record, then its checkpoint; then the controls with the same budget.
+    # report.md is rewritten after every arm, so a run stopped early still reports what it measured.
     before = {"acc_x": arm_ci(ev_acc_x, B, 1), "acc_xr": arm_ci(ev_acc_r, B, 1),
               "agreement_x": arm_ci(agreement(ev_ans_x, ev_target), B, 1), "canary": can0_ci}
-    write_report(out, args, lesson, source, kind, placebo, gate, before, results,
-                 {"dream": len(dream_q), "permuted": len(perms), "fresh": len(fresh), "dev": len(dev_q),
-                  "eval": len(eval_q), "canary": len(canary_q)})
+    sizes = {"dream": len(dream_q), "permuted": len(perms), "fresh": len(fresh), "dev": len(dev_q),
+             "eval": len(eval_q), "canary": len(canary_q)}
+    results = {}
+    main_name = args.method
+    results[main_name] = r0 = run_arm(main_name, args.method, lesson)
     rec_path = out / "dreamt.json"
     bank = common.load_bank(rec_path, "dream-record")
-    r0 = results[main_name]
     bank["entries"].append({"lesson": lesson, "cluster": cluster, "subtype": subtype, "source": source,
                             "method": args.method, "reward": args.reward,
                             "reward_is_labelled": args.reward == "verifier", "gate": gate["effect"],
                             "IR": r0["IR"]["IR"], "IR_numerator": r0["IR"]["numerator"],
                             "IR_denominator": r0["IR"]["denominator"], "acc_after_xr": r0["acc_after_xr"],
-                            "forgetting": r0["forgetting"], "checkpoint": str(out / "checkpoint")})
+                            "forgetting": r0["forgetting"], "selected_step": r0["selected_step"],
+                            "checkpoint": str(out / "checkpoint")})
     common.save_bank(rec_path, bank)
+    write_report(out, args, lesson, source, kind, placebo, gate, before, results, sizes)
+    common.save_checkpoint(out, model, tok, step=args.steps, extra={"lesson": lesson, "selected_step": r0["selected_step"]})
+    if args.controls:
+        if placebo:
+            results["placebo"] = run_arm("placebo", args.method, placebo)
+            write_report(out, args, lesson, source, kind, placebo, gate, before, results, sizes)
+        other = "distill" if args.method == "dream" else "dream"
+        results[other] = run_arm(other, other, lesson)
+        write_report(out, args, lesson, source, kind, placebo, gate, before, results, sizes)
     print(f"IR ({main_name}): {ir_text(r0['IR'])}\nreport:     {out / 'report.md'}\nrecord:     {rec_path}\n"
           f"checkpoint: {out / 'checkpoint'}")
 
