@@ -470,7 +470,7 @@ def main():
     p.add_argument("--replay-questions", type=int, default=4, help="questions of other types for the KL to pre-dream weights")
     p.add_argument("--canary-questions", type=int, default=6)
     p.add_argument("--canary-samples", type=int, default=3)
-    p.add_argument("--canary-every", type=int, default=2, help="canary, dev and KL check every this many steps")
+    p.add_argument("--canary-every", type=int, default=4, help="canary, dev and KL check every this many steps")
     p.add_argument("--rollback", action="store_true", help="on a canary below its starting interval, restore the last good weights and stop")
     p.add_argument("--gate-samples", type=int, default=8, help="samples per dev question and arm in the gate")
     p.add_argument("--dev-samples", type=int, default=4, help="samples per dev question at each check")
