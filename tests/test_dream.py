@@ -344,3 +344,20 @@ def test_distillation_term_trains_even_where_grpo_has_no_signal(tiny_files, tmp_
                 if '"step": 1' in ln and '"check"' not in ln and '"phase"' not in ln)
     assert step["skipped_groups"] == 2 and step["pg_loss"] == 0.0
     assert step["cd_kl"] > 0 and step["updated"] and step["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("source", ["library", "recall"])
+def test_library_and_recall_sources_resolve_through_main(source, tmp_path, monkeypatch, capsys):
+    """Each lesson source is read and its type checked before anything loads: with too many
+    evaluation questions asked for, the run stops at the split check, after the lesson resolved."""
+    if source == "library":
+        flags = ["--library", str(write_library(tmp_path / "library.json")), "--cluster", "velt-code", "--subtype", "hands"]
+    else:
+        run = fake_recall_run(tmp_path, [("velt-code", "hands", "palm means turn right")])
+        flags = ["--recall-from", str(run), "--cluster", "velt-code", "--subtype", "hands"]
+    monkeypatch.setattr(common, "load_model", trap)
+    monkeypatch.setattr(common, "setup_run", trap)
+    monkeypatch.setattr(sys, "argv", ["dream.py", "--data", str(DATA), *flags, "--eval-questions", "99"])
+    with pytest.raises(SystemExit):
+        common.run_main(d.main)
+    assert "velt-code/hands has 16 questions" in capsys.readouterr().err
