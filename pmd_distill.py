@@ -646,8 +646,8 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
     if eval_path.exists() and args.resume:
         log(f"{out}: finished earlier; keeping its results")
         return json.loads(eval_path.read_text())
-    ckpt = out / "checkpoint"
-    resuming = args.resume and (ckpt / "resume.pt").exists()
+    ckpt = common.find_checkpoint(out) if args.resume else None     # survives a kill mid-save
+    resuming = ckpt is not None
     model, tok = common.load_model(str(ckpt) if resuming else args.model, args.device, args.dtype)
     device = next(model.parameters()).device
     params = [p_ for p_ in model.parameters() if p_.requires_grad]
@@ -668,9 +668,8 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
         mem = extra["memory"]
         if teacher is not None:
             teacher.load_state_dict(extra["teacher"])
-        if metrics_path.exists():  # anything logged after the checkpoint is redone
-            keep = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] < state["start"]]
-            common.atomic_write_text(metrics_path, "".join(ln + "\n" for ln in keep))
+        # anything logged after the checkpoint is redone (a torn last line is dropped)
+        common.write_jsonl(metrics_path, [m for m in common.read_jsonl(metrics_path) if m["step"] < state["start"]])
         log(f"resuming {out} at step {state['start']} of {total}")
     elif metrics_path.exists():      # a fresh start in a folder a killed run left before its first checkpoint
         metrics_path.unlink()
