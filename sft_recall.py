@@ -701,31 +701,31 @@ def write_report(out, args, source, selection, labels, examples, split, by_id, s
         un = [i for i in range(len(qs)) if not lab[i]]
         L += ["", "## Decision quality (held-out, per-question decision vs the per-type label)", "",
               f"- recall rate on beneficial types: {fmt(wil(int(dec[lab].sum()), int(lab.sum())), False)}; "
-              f"mean p(<recall>) {pr[lab].mean() if lab.any() else float('nan'):.2f}",
+              f"mean p(<recall>) {pr[lab].mean():.2f}" if lab.any() else "- recall rate on beneficial types: no such question",
               f"- recall rate on unnecessary types: {fmt(wil(int(dec[~lab].sum()), int((~lab).sum())), False)}; "
-              f"mean p(<recall>) {pr[~lab].mean() if (~lab).any() else float('nan'):.2f}",
+              f"mean p(<recall>) {pr[~lab].mean():.2f}" if (~lab).any() else "- recall rate on unnecessary types: no such question",
               f"- precision {fmt(wil(tp, int(dec.sum())), False)}, recall {fmt(wil(tp, int(lab.sum())), False)}",
               f"- harm on unnecessary types (c - a): {fmt(diff([c[i] for i in un], [a[i] for i in un])) if un else '-'}"]
         # fidelity and novelty of the recalled text
         lessons = {t: e["lesson"] for t, e in rstar.items() if e["lesson"]}
-        f1s, verb, right, closed = [], [], [], []
+        f1s, verb, right, closed = [], [], [], []          # one group per question (its samples)
         for q, r in zip(qs, tr):
             own = lessons.get(type_key(q))
-            for body, cl in zip(r["recalled"], r["closed"]):
-                if body is None:
-                    continue
-                closed.append(int(bool(cl)))
-                if own:
-                    f1s.append(token_f1(body, own))
-                    verb.append(int(common.normalise_text(body) == common.normalise_text(own)))
-                    right.append(int(max(lessons, key=lambda t: token_f1(body, lessons[t])) == type_key(q)))
-        L += ["", "## Fidelity and novelty of the recalled text (held-out, every recalled sample)", ""]
+            got = [(b_, cl) for b_, cl in zip(r["recalled"], r["closed"]) if b_ is not None]
+            if not got or not own:
+                continue
+            f1s.append([token_f1(b_, own) for b_, _ in got])
+            verb.append([float(common.normalise_text(b_) == common.normalise_text(own)) for b_, _ in got])
+            right.append([float(max(lessons, key=lambda t: token_f1(b_, lessons[t])) == type_key(q)) for b_, _ in got])
+            closed.append([float(bool(cl)) for _, cl in got])
+        L += ["", "## Fidelity and novelty of the recalled text (held-out, every recalled sample; "
+                  "cluster bootstrap over questions)", ""]
         if f1s:
-            L += [f"- token F1 against r* of the question's type: {fmt(common.mean_ci(f1s, binary=False), False)}",
-                  f"- verbatim r*: {fmt(common.mean_ci(verb, binary=True), False)}; new text: {1 - np.mean(verb):.2f}",
-                  f"- closest lesson is the type's own r*: {fmt(common.mean_ci(right, binary=True), False)}",
-                  f"- closed its tag: {fmt(common.mean_ci(closed, binary=True), False)}",
-                  "(samples of one question are not independent: read these intervals as optimistic)"]
+            boot = lambda g: fmt(common.cluster_bootstrap_ci(g, seed=seed), False)
+            L += [f"- token F1 against r* of the question's type: {boot(f1s)}",
+                  f"- verbatim r*: {boot(verb)}; the rest is new text",
+                  f"- closest lesson (by F1) is the type's own r*: {boot(right)}",
+                  f"- closed its tag: {boot(closed)}"]
         else:
             L.append("- no recall on a type that has an r*")
     L += arm_rows("## Fresh instances (data/make_procedural.py, --fresh-seed "
