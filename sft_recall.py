@@ -40,8 +40,12 @@ Deliberate simplifications:
      the first token of the model's own accepted answer; it is trained as the decision token.
   4. Arm b injects r* as a "Lesson:" before the question (how it was scored), not in the recall
      slot.
+  5. The default learning rate (AdamW 1e-4, one epoch) was sized to the CPU budget, not chosen by
+     a sweep; on the embedded Gemma it learned the recall text but broke the letter-answer format
+     on other clusters (README). Lower it, or add epochs, where there is more compute.
 
-    python sft_recall.py --model gemma --lessons data                 # default CPU run
+    python sft_recall.py --model gemma --lessons data                 # the default run (README: results)
+    python sft_recall.py --model gemma --lessons data --placebo       # + arm e
     python sft_recall.py --library runs/A/library.json --model runs/A/checkpoint
     python sft_recall.py --out runs/NAME --resume ...                 # continue after a kill
 """
@@ -363,7 +367,7 @@ def build_data(model, tok, args, questions, select_qs, split, cands, source):
     rolls = sample_lessons(lambda q: [None] + to_score[type_key(q)])
     for t in types:
         qs = [q for q in select_qs if type_key(q) == t]
-        for lesson in to_score[t]:
+        for lesson in to_score[t] if qs else []:        # composed types have no train question
             diffs = [rolls[(q.id, lesson)][0] - rolls[(q.id, None)][0] for q in qs]
             ci = common.cluster_bootstrap_ci(diffs, seed=common.stream_seed(args.seed, "select-boot", zlib.crc32(t.encode())))
             cands[t].append({"lesson": lesson, "source": "data", "A": {k: ci[k] for k in ("mean", "lo", "hi", "n")}})
@@ -503,6 +507,7 @@ def run_placebo(args, out, examples, rstar, dev, labels, heldout, by_id, base_mo
         model, tok = base_model()
     pex = [make_example(tok, by_id[e["question_id"]], mapping[e["type"]], e["answer"], args, e["answer_source"])
            if e["kind"] == "recall" else e for e in examples]
+    common.atomic_write_text(pdir / "sft_data.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in pex))
     set_trainable(model, args)
     train_sft(model, tok, pex, args, pdir, out / "metrics.jsonl", "placebo")
     model.eval()

@@ -263,6 +263,22 @@ def test_killed_run_resumes_from_its_last_epoch(tiny_files, tmp_path, monkeypatc
     assert (out / "report.md").exists()
 
 
+def test_placebo_rotates_the_lessons_on_the_same_rows(tiny_files, tmp_path):
+    lib = common.load_bank(tiny_files / "library.json", "introspection-library")
+    lib["entries"][2]["A_intro"] = ci(0.4, 0.1, 0.6)                  # f/s beneficial too
+    common.save_bank(tmp_path / "lib2.json", lib)
+    out = tmp_path / "r"
+    run_stage(tiny_files, out, "--library", str(tmp_path / "lib2.json"), "--epochs", "1", "--placebo")
+    real = [json.loads(ln) for ln in (out / "sft_data.jsonl").read_text().splitlines()]
+    fake = [json.loads(ln) for ln in (out / "placebo" / "sft_data.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in real] == [r["question_id"] for r in fake]        # same data size
+    swapped = [(r, f) for r, f in zip(real, fake) if r["kind"] == "recall"]
+    assert swapped and all(f["lesson"] != r["lesson"] and f["kind"] == "recall" for r, f in swapped)
+    p = json.loads((out / "eval_placebo.json").read_text())
+    assert set(p["heldout"]) == {json.loads(ln)["question_id"] for ln in (out / "recalls.jsonl").read_text().splitlines()}
+    assert "## Placebo" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("make, why", [
     (lambda d: ["--library", str(d / "q.jsonl")], "not a readable JSON bank"),
     (lambda d: ["--library", str(d / "empty.json")], "empty library"),
