@@ -29,6 +29,7 @@ BASE = {
     "bench/bench_grpo_step.py": [],
     "pmd_distill.py": ["--data", DATA],
     "dream.py": ["--data", DATA, "--cluster", "velt-code", "--subtype", "hands"],
+    "sft_recall.py": ["--data", DATA, "--lessons", "data"],
 }
 
 # (script, bad arguments, what the one line must name)
@@ -145,6 +146,30 @@ CASES = [
     ("dream.py", ["--model", "/nonexistent-checkpoint"], "not a checkpoint"),
     ("dream.py", ["--library", "/nonexistent/library.json"], "no such file"),
     ("dream.py", ["--recall-from", "/nonexistent-run"], "not a sft_recall.py run"),
+    ("sft_recall.py", ["--holdout", "0"], "--holdout 0"),
+    ("sft_recall.py", ["--holdout", "1"], "--holdout 1"),
+    ("sft_recall.py", ["--dev", "1"], "--dev 1"),
+    ("sft_recall.py", ["--base-ok", "0"], "--base-ok 0"),
+    ("sft_recall.py", ["--samples", "0"], "--samples 0"),
+    ("sft_recall.py", ["--eval-samples", "0"], "--eval-samples 0"),
+    ("sft_recall.py", ["--temperature", "0"], "--temperature 0"),
+    ("sft_recall.py", ["--answer-tokens", "0"], "--answer-tokens 0"),
+    ("sft_recall.py", ["--recall-tokens", "0"], "--recall-tokens 0"),
+    ("sft_recall.py", ["--max-len", "4"], "--max-len 4"),
+    ("sft_recall.py", ["--epochs", "0"], "--epochs 0"),
+    ("sft_recall.py", ["--batch-size", "0"], "--batch-size 0"),
+    ("sft_recall.py", ["--lr", "0"], "--lr 0"),
+    ("sft_recall.py", ["--warmup", "-1"], "--warmup -1"),
+    ("sft_recall.py", ["--clip", "0"], "--clip 0"),
+    ("sft_recall.py", ["--weight-decay", "-1"], "--weight-decay -1"),
+    ("sft_recall.py", ["--fresh", "-1"], "--fresh -1"),
+    ("sft_recall.py", ["--fresh-seed", "-1"], "--fresh-seed -1"),
+    ("sft_recall.py", ["--canary-questions", "-1"], "--canary-questions -1"),
+    ("sft_recall.py", ["--compose-questions", "-1"], "--compose-questions -1"),
+    ("sft_recall.py", ["--seed", "-1"], "--seed -1"),
+    ("sft_recall.py", ["--lessons", "library"], "nothing to select from"),
+    ("sft_recall.py", ["--library", DATA], "not a readable JSON bank"),
+    ("sft_recall.py", ["--canary", DATA], "--canary"),
 ]
 
 
