@@ -769,6 +769,22 @@ def normalise_text(s: str) -> str:
     return " ".join(w for w in s.split() if w not in ("a", "an", "the"))
 
 
+def answer_key(q, text: str):
+    """The answer a completion gives, read with verify()'s extraction rules, as a hashable key for
+    majority votes, teacher answer distributions and distinct-answer counts: an option letter, a
+    number rounded to 1e-6, or the normalised first sentence; None if there is none."""
+    t = answer_region(text)
+    if q.answer_type == "mcq":
+        if q.cue:
+            t = next((ln for ln in t.splitlines() if ln.strip()), "")
+        return extract_letter(t, len(q.choices), q.choices)
+    if q.answer_type == "number":
+        v = extract_number(t)
+        return None if v is None else round(v, 6)
+    first = next((ln for ln in t.splitlines() if ln.strip()), "")
+    return normalise_text(re.split(r"[.;!?]", first)[0]) or None
+
+
 def verify(q, completion: str) -> tuple[float, str]:
     """(reward in [0, 1], one-line feedback) for a completion to question q."""
     text = answer_region(completion)

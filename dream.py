@@ -234,16 +234,7 @@ def placebo_lesson(lesson: str, others: list[str]) -> str | None:
 # the target without labels and the reward (pure, tested on hand-made distributions)
 
 
-def answer_of(q: common.Question, text: str):
-    """The answer a completion gives, read with the verifier's extraction rules; None if none."""
-    text = common.answer_region(text)
-    if q.answer_type == "mcq":
-        return common.extract_letter(text, len(q.choices), q.choices)
-    if q.answer_type == "number":
-        v = common.extract_number(text)
-        return None if v is None else round(v, 6)
-    first = next((ln for ln in text.splitlines() if ln.strip()), "")
-    return common.normalise_text(first) or None
+answer_of = common.answer_key     # the answer a completion gives (verify()'s extraction rules)
 
 
 def teacher_distribution(answers: list) -> dict:

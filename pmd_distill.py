@@ -496,16 +496,7 @@ def gate_gains(teacher, tok, insights, siblings, temperature):
 # evaluation: held-out questions, the same questions and row seeds for every method
 
 
-def answer_key(q, text: str):
-    """The answer a completion gives, for majority votes and distinct-answer counts."""
-    t = common.answer_region(text)
-    if q.answer_type == "mcq":
-        return common.extract_letter(t, len(q.choices), q.choices)
-    if q.answer_type == "number":
-        v = common.extract_number(t)
-        return None if v is None else round(v, 6)
-    first = next((ln for ln in t.splitlines() if ln.strip()), "")
-    return common.normalise_text(re.split(r"[.;!?]", first)[0]) or None
+answer_key = common.answer_key   # the answer a completion gives, for votes and distinct counts
 
 
 def eval_prompts(tok, qs, mem=None, levels=(), cap_tokens=0):
