@@ -28,12 +28,23 @@ BASE = {
     "bench/bench_rollouts.py": [],
     "bench/bench_grpo_step.py": [],
     "pmd_distill.py": ["--data", DATA],
+    "bench/bench_sft.py": [],
+    "bench/bench_train_step.py": [],
     "dream.py": ["--data", DATA, "--cluster", "velt-code", "--subtype", "hands"],
     "sft_recall.py": ["--data", DATA, "--lessons", "data"],
 }
 
 # (script, bad arguments, what the one line must name)
 CASES = [
+    ("bench/bench_sft.py", ["--batch", "0"], "--batch 0"),
+    ("bench/bench_sft.py", ["--repeats", "0"], "--repeats 0"),
+    ("bench/bench_sft.py", ["--tokens", "64", "--trained", "64"], "--tokens 64: must be at least 65"),
+    ("bench/bench_sft.py", ["--device", "cuda"], "--device cuda"),
+    ("bench/bench_train_step.py", ["--G", "0"], "--G 0"),
+    ("bench/bench_train_step.py", ["--B", "0"], "--B 0"),
+    ("bench/bench_train_step.py", ["--temperature", "0"], "--temperature 0"),
+    ("bench/bench_train_step.py", ["--min-new-tokens", "-1"], "--min-new-tokens -1"),
+    ("bench/bench_train_step.py", ["--device", "cuda"], "--device cuda"),
     ("grpo_introspect.py", ["--N", "0"], "--N 0: must be at least 1"),
     ("grpo_introspect.py", ["--M", "-1"], "--M -1: must be at least 1"),
     ("grpo_introspect.py", ["--steps", "0"], "--steps 0"),
