@@ -264,3 +264,22 @@ def test_bf16_logprob_gap_and_refresh_real_gemma(gemma):
     finally:
         with torch.no_grad():
             w[target] = saved
+
+
+def test_lm_head_of_the_rollout_copy_gets_a_contiguous_input(tiny):
+    """HF slices hidden[:, -1:] (a non-contiguous view) before the head; torch's bf16 linear on
+    such an input transiently allocated ~300 MB per row on this CPU (21 GB for the transfer
+    matrix). The copy's head must see a contiguous tensor, and give the same logits."""
+    model, tok = tiny
+    copy_ = common.rollout_copy(model, "bfloat16")
+    seen = []
+    copy_.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    ids = torch.randint(3, len(tok), (3, 7))
+    with torch.no_grad():
+        got = copy_(input_ids=ids, logits_to_keep=1).logits
+        h = copy_.model(input_ids=ids).last_hidden_state[:, -1:].contiguous()
+        want = copy_.get_output_embeddings().weight @ h[:, 0].T
+    assert seen and all(seen)
+    torch.testing.assert_close(got[:, 0].float(), want.T.float() if not copy_.config.final_logit_softcapping
+                               else torch.tanh(want.T.float() / copy_.config.final_logit_softcapping)
+                               * copy_.config.final_logit_softcapping, atol=0.1, rtol=0.05)
