@@ -136,7 +136,7 @@ def paired_advantage(with_r, base) -> dict:
     return {**ci, "var_paired": var_paired, "var_unpaired": var_unpaired, "diffs": D}
 
 
-def pooled_advantage(advs: list[dict], M: int) -> dict:
+def pooled_advantage(advs: list[dict]) -> dict:
     """The mean over every paired difference of a step's lessons, with a bootstrap clustered by
     baseline row: all lessons on one Q' share its M baseline rows and their random numbers, so
     row j of every lesson is one cluster, not independent draws."""
@@ -333,7 +333,7 @@ def main():
         Qp = random.Random(common.stream_seed(args.seed, "pick-Q'", step)).sample(
             same_type, min(args.transfer_questions, len(same_type)))
         scored = lessons + ([oracle] if oracle else [])
-        A, val, A_oracle = [], [], None
+        A, val = [], []
         if scored:
             res = score_lessons(rollout, tok, [(q, scored) for q in Qp + [Q]], args.M, args.temperature,
                                 args.seed, "transfer", (step,), args.answer_tokens, progress="transfer rollouts")
@@ -350,8 +350,8 @@ def main():
             rec["var_paired"] = float(np.nansum([a["var_paired"] for a in both]))
             rec["var_unpaired"] = float(np.nansum([a["var_unpaired"] for a in both]))
         if A:
-            rec["A_intro"] = pooled_advantage(A, args.M)
-            rec["validation"] = pooled_advantage(val, args.M)
+            rec["A_intro"] = pooled_advantage(A)
+            rec["validation"] = pooled_advantage(val)
 
         # ---- 5. policy gradient on the introspection tokens of positively scored rollouts
         upd = [(i, a["mean"]) for (i, _), a in zip(cands, A) if a["mean"] > 0]
@@ -409,7 +409,7 @@ def main():
                         upd=rec["updated"])
 
     # ---- report
-    write_report(out, args, rollout, tok, library, pool, canary_ids)
+    write_report(out, args, rollout, tok, library, pool)
     print(f"library: {library_path}\nmetrics: {metrics_path}\nreport:  {out / 'report.md'}")
 
 
@@ -431,7 +431,7 @@ def by_step(entries, key):
     return list(groups.values())
 
 
-def write_report(out, args, model, tok, library, pool, canary_ids):
+def write_report(out, args, model, tok, library, pool):
     fmt = common.fmt_ci
     metrics = common.read_jsonl(out / "metrics.jsonl")
     entries = library["entries"]
