@@ -405,8 +405,11 @@ def draw_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
         idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
         # Rounding in the float32 cumsum could still land past the last token with probability >
         # 0 (the tail of the vocabulary often has probability exactly 0): clamp to that token.
-        last_nz = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)  # (B,)
-        tokens = torch.minimum(idx, last_nz)
+        tokens = idx.clamp_max(probs.shape[-1] - 1)
+        bad = probs.gather(1, tokens[:, None])[:, 0] == 0                    # (B,), almost never
+        if bool(bad.any()):
+            last_nz = probs.shape[-1] - 1 - (probs[bad].flip(-1) > 0).int().argmax(-1)
+            tokens[bad] = torch.minimum(tokens[bad], last_nz)
         return tokens, probs.gather(1, tokens[:, None])[:, 0].log()
     V = probs.shape[-1]
     for k in (64, 1024, V):
