@@ -417,8 +417,11 @@ def snapshot(model) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def restore(model, state: dict) -> None:
+def restore(model, state: dict, rollout=None) -> None:
+    """Load state into the trained model, and refresh the rollout copy from it (if there is one)."""
     model.load_state_dict(state)
+    if rollout is not None:
+        common.sync_rollout(rollout, model)
 
 
 # ----------------------------------------------------------------------------
@@ -540,13 +543,15 @@ def main():
 
     model, tok = common.load_model(args.model, args.device, args.dtype)
     device = next(model.parameters()).device
+    sampler = common.rollout_copy(model, args.rollout_dtype)   # bf16 copy where bf16 is fast, else model itself
+    print(f"weights in {next(model.parameters()).dtype}, rollouts in {next(sampler.parameters()).dtype}")
     theta0 = snapshot(model)                       # the pre-dream weights: teacher, reference, start of every arm
     B = args.bootstrap
 
     # ---- gate: does r change behaviour on dev at all? (paired: same row seeds in both arms)
     gs = common.stream_seed(args.seed, "gate")
-    _, _, dev_ans_r, dev_acc_r = answer_samples(model, tok, dev_q, lesson, args.gate_samples, gs, args, "gate x+r")
-    _, _, dev_ans_x, dev_acc_x = answer_samples(model, tok, dev_q, None, args.gate_samples, gs, args, "gate x")
+    _, _, dev_ans_r, dev_acc_r = answer_samples(sampler, tok, dev_q, lesson, args.gate_samples, gs, args, "gate x+r")
+    _, _, dev_ans_x, dev_acc_x = answer_samples(sampler, tok, dev_q, None, args.gate_samples, gs, args, "gate x")
     dev_target = [majority(teacher_distribution(a))[0] for a in dev_ans_r]       # label-free dev target
     effect = paired_effect(dev_acc_r, dev_acc_x, B, common.stream_seed(args.seed, "gate-boot"))
     # where there are no answers, the shift in behaviour: agreement with the x+r majority, with r
@@ -565,8 +570,8 @@ def main():
 
     # ---- before: held-out questions with and without r, the canary; row seeds shared with "after"
     es, cs = common.stream_seed(args.seed, "eval"), common.stream_seed(args.seed, "canary")
-    _, _, ev_ans_r, ev_acc_r = answer_samples(model, tok, eval_q, lesson, args.eval_samples, es, args, "eval x+r before")
-    _, _, ev_ans_x, ev_acc_x = answer_samples(model, tok, eval_q, None, args.eval_samples, es, args, "eval x before")
+    _, _, ev_ans_r, ev_acc_r = answer_samples(sampler, tok, eval_q, lesson, args.eval_samples, es, args, "eval x+r before")
+    _, _, ev_ans_x, ev_acc_x = answer_samples(sampler, tok, eval_q, None, args.eval_samples, es, args, "eval x before")
     ev_target = [majority(teacher_distribution(a))[0] for a in ev_ans_r]           # the teacher's majority on eval
 
     def canary():
@@ -575,11 +580,11 @@ def main():
         # Each canary question is asked with its OWN type's lesson where it has one: on this base model
         # the other types without a lesson sit near 0 (data/README.md), too low to show forgetting,
         # while using a lesson in context is exactly the skill dreaming could damage.
-        return answer_samples(model, tok, canary_q, [q.lesson for q in canary_q], args.canary_samples, cs, args,
+        return answer_samples(sampler, tok, canary_q, [q.lesson for q in canary_q], args.canary_samples, cs, args,
                               "canary")[3]
 
     def dev_check():
-        ans = answer_samples(model, tok, dev_q, None, args.dev_samples, common.stream_seed(args.seed, "dev"), args, "dev")[2]
+        ans = answer_samples(sampler, tok, dev_q, None, args.dev_samples, common.stream_seed(args.seed, "dev"), args, "dev")[2]
         return agreement(ans, dev_target)
 
     # replay: samples of the pre-dream model on other types and its top-k there, for --kl and for
@@ -587,7 +592,7 @@ def main():
     replay = None
     if replay_q:
         rp = [common.question_prompt(tok, q) for q in replay_q]
-        rs = common.sample(model, tok, rp, n=2, max_new_tokens=args.answer_tokens, temperature=args.temperature,
+        rs = common.sample(sampler, tok, rp, n=2, max_new_tokens=args.answer_tokens, temperature=args.temperature,
                            stop=ANSWER_STOP, seed=common.stream_seed(args.seed, "replay"))
         r_ids = [common.encode(tok, rp[s.prompt_idx]) for s in rs]
         r_comp = [s.token_ids for s in rs]
@@ -614,7 +619,7 @@ def main():
 
     def teacher_target(r):
         if r not in teacher_cache:
-            smp, prompts, ans, acc = answer_samples(model, tok, X_prime, r, args.teacher_samples,
+            smp, prompts, ans, acc = answer_samples(sampler, tok, X_prime, r, args.teacher_samples,
                                                     common.stream_seed(args.seed, "teacher", len(teacher_cache)),
                                                     args, "teacher on x'+r")
             teacher_cache[r] = {"samples": smp, "prompts": prompts, "p_T": [teacher_distribution(a) for a in ans],
@@ -625,7 +630,7 @@ def main():
     # one arm: dream (GRPO) or distill (SFT on teacher samples) with lesson r, from theta0
 
     def run_arm(name, method, r):
-        restore(model, theta0)
+        restore(model, theta0, sampler)
         T = teacher_target(r)
         maj = [majority(pt) for pt in T["p_T"]]
         # dream needs a readable target; distill learns the teacher's samples whatever they say
@@ -660,7 +665,7 @@ def main():
             if method == "dream":
                 # ---- N rollouts on each x' WITHOUT r, rewarded by similarity to the teacher
                 prompts = [common.question_prompt(tok, X_prime[i]) for i in xs]
-                roll = common.sample(model, tok, prompts, n=args.N, max_new_tokens=args.answer_tokens,
+                roll = common.sample(sampler, tok, prompts, n=args.N, max_new_tokens=args.answer_tokens,
                                      temperature=args.temperature, stop=ANSWER_STOP,
                                      seed=common.stream_seed(args.seed, "rollout", step), progress="rollouts")
                 R, lab, racc = [], [], []
@@ -707,6 +712,9 @@ def main():
                 if method == "dream":
                     pg_mask = lp["mask"] & in_pg.to(device)[:, None]                   # (B, T): kept groups only
                     loss = pg_loss(lp["logprobs"], pg_mask, torch.tensor(adv, dtype=torch.float32, device=device))
+                    # how far the rollout policy (a bf16 copy where bf16 is fast) is from the trained one
+                    rec["logprob_mismatch"] = common.logprob_mismatch([roll[k].logprobs for k in rows], lp["logprobs"],
+                                                                      lp["mask"])
                     rec["pg_loss"] = float(loss.detach())
                     if t_ids is not None:
                         cd = topk_tail_kl(t_lp, lp["extra_logprobs"], lp["mask"], args.cd_direction)
@@ -725,6 +733,7 @@ def main():
                 rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
                 opt.step()
                 rec["updated"] = True
+                rec["rollout_sync_s"] = common.sync_rollout(sampler, model)
             elif loss is not None:
                 rec["skipped"] = f"non-finite loss {float(loss)}"
             opt.zero_grad(set_to_none=True)
@@ -748,7 +757,7 @@ def main():
                     tqdm.write(f"ALARM {name} step {step + 1}: canary {common.fmt_ci(c_ci, False)} below its start "
                                f"{common.fmt_ci(can0_ci, False)}")
                 if verdict == "rollback":
-                    restore(model, guard["last_good"][1])
+                    restore(model, guard["last_good"][1], sampler)
                     rolled_back = {"at": step + 1, "to": guard["last_good"][0]}
                     check["rolled_back_to"] = guard["last_good"][0]
                     common.append_jsonl(metrics_path, check)
@@ -759,11 +768,11 @@ def main():
         bar.close()
         # dev-only selection among the checked weights (theta0 included); with --rollback none after an alarm
         best = guard["best"]
-        restore(model, best[2])
+        restore(model, best[2], sampler)
         del teacher
         # every arm is measured against the REAL lesson's behaviour (the placebo too: did it move there?)
-        _, _, a_ans_x, a_acc_x = answer_samples(model, tok, eval_q, None, args.eval_samples, es, args, f"eval x after {name}")
-        _, _, _, a_acc_r = answer_samples(model, tok, eval_q, lesson, args.eval_samples, es, args, f"eval x+r after {name}")
+        _, _, a_ans_x, a_acc_x = answer_samples(sampler, tok, eval_q, None, args.eval_samples, es, args, f"eval x after {name}")
+        _, _, _, a_acc_r = answer_samples(sampler, tok, eval_q, lesson, args.eval_samples, es, args, f"eval x+r after {name}")
         can_after = can_at.get(best[1])
         bs = common.stream_seed(args.seed, "eval-boot")
         res = {"method": method, "lesson": r, "selected_step": best[1], "selected_dev_agreement": best[0],

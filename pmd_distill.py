@@ -641,6 +641,8 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
     resuming = ckpt is not None
     model, tok = common.load_model(str(ckpt) if resuming else args.model, args.device, args.dtype)
     device = next(model.parameters()).device
+    sampler = common.rollout_copy(model, args.rollout_dtype)   # bf16 copy where bf16 is fast, else model itself
+    log(f"weights in {next(model.parameters()).dtype}, rollouts in {next(sampler.parameters()).dtype}")
     params = [p_ for p_ in model.parameters() if p_.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
     teacher = None
@@ -669,7 +671,7 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
     t_run = time.time()
 
     def dev_accuracy():
-        res = evaluate(model, tok, dev, args.dev_samples, args.temperature, args.max_new_tokens,
+        res = evaluate(sampler, tok, dev, args.dev_samples, args.temperature, args.max_new_tokens,
                        common.stream_seed(args.seed, "dev"), prompts=frozen_policy_prompts(dev), progress="dev")
         return common.cluster_bootstrap_ci([np.array(p["rewards"]) for p in res], seed=args.seed)
 
@@ -684,7 +686,7 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
         state["dev"], state["best"] = [dev0], {"epoch": 0, "dev": dev0["dev"]["mean"]}
     if state["base"] is None:
         log("evaluating the starting model on the held-out test questions...")
-        state["base"] = evaluate(model, tok, test, args.eval_samples, args.temperature, args.max_new_tokens,
+        state["base"] = evaluate(sampler, tok, test, args.eval_samples, args.temperature, args.max_new_tokens,
                                  args.seed, prompts=frozen_policy_prompts(test), progress="base eval")
         state["dev"] = [{"epoch": 0, "rollouts": 0, "dev": dev_accuracy()}]
         state["best"] = {"epoch": 0, "dev": state["dev"][0]["dev"]["mean"]}
@@ -702,7 +704,7 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
         base_seed = common.stream_seed(args.seed, "rollout", step)
         seeds = [common.row_seed(base_seed, b, j) for b in range(len(qs)) for j in range(args.G)]
         t_s = time.time()
-        roll = common.sample(model, tok, prompts, n=args.G, max_new_tokens=args.max_new_tokens,
+        roll = common.sample(sampler, tok, prompts, n=args.G, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, stop=ANSWER_STOP, row_seeds=seeds, progress="rollouts")
         rec["time_rollouts"] = time.time() - t_s
         ver = [common.verify(qs[i // args.G], s.text) for i, s in enumerate(roll)]
@@ -738,7 +740,7 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
         rec["active_tokens"] = n_active
         grad_norm = None
         if rows and args.freeze != "policy":
-            total_loss = 0.0
+            total_loss, mism = 0.0, []
             for s in range(0, len(rows), args.micro_batch):
                 mb = rows[s:s + args.micro_batch]
                 if args.method == "grpo":
@@ -759,10 +761,17 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
                                      args.tail, n_active=n_active)
                 loss.backward()
                 total_loss += float(loss.detach())
+                lp_mb = lp if args.method == "grpo" else st
+                mism.append(common.logprob_mismatch([roll[i].logprobs for i in mb], lp_mb["logprobs"], lp_mb["mask"]))
             loss_val = total_loss
+            # how far the rollout policy (a bf16 copy where bf16 is fast) is from the trained one
+            n_m = sum(m["n"] for m in mism)
+            rec["logprob_mismatch"] = {"mean": sum(m["mean"] * m["n"] for m in mism if m["n"]) / n_m if n_m else None,
+                                       "max": max((m["max"] for m in mism if m["n"]), default=None), "n": n_m}
             if math.isfinite(loss_val):
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
                 opt.step()
+                rec["rollout_sync_s"] = common.sync_rollout(sampler, model)
             else:
                 rec["skipped"] = f"non-finite loss {loss_val}"
             opt.zero_grad(set_to_none=True)
@@ -786,7 +795,7 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
         if (step + 1) % steps_per_epoch == 0:
             # --levels behavior alone still reflects insights (a behavior's lineage) but never retrieves them
             if memory_live and ("insight" in levels or "behavior" in levels) and args.reflector != "none":
-                rec["epoch_end"] = epoch_end(model, teacher, tok, mem, state, train, levels, args, epoch)
+                rec["epoch_end"] = epoch_end(sampler, teacher, tok, mem, state, train, levels, args, epoch)
             mem["epoch"] = epoch + 1
             rec["memory_size"] = level_sizes(mem)
             state["epoch_rollouts"] = []
@@ -815,13 +824,14 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
 
     # ---- evaluation: final weights, and the best-on-dev weights if they differ
     log("evaluating on the held-out test questions...")
-    final = evaluate(model, tok, test, args.eval_samples, args.temperature, args.max_new_tokens, args.seed,
+    final = evaluate(sampler, tok, test, args.eval_samples, args.temperature, args.max_new_tokens, args.seed,
                      prompts=frozen_policy_prompts(test), progress="final eval")
     best = None
     if state["best"]["epoch"] not in (0, args.epochs) and (out / "best").exists():
         from transformers import AutoModelForCausalLM
         model.load_state_dict(AutoModelForCausalLM.from_pretrained(out / "best", dtype=next(model.parameters()).dtype).state_dict())
-        best = evaluate(model, tok, test, args.eval_samples, args.temperature, args.max_new_tokens, args.seed,
+        common.sync_rollout(sampler, model)
+        best = evaluate(sampler, tok, test, args.eval_samples, args.temperature, args.max_new_tokens, args.seed,
                         prompts=frozen_policy_prompts(test), progress="best eval")
     elif state["best"]["epoch"] == 0:
         best = state["base"]
@@ -844,7 +854,7 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
     return result
 
 
-def epoch_end(model, teacher, tok, mem, state, train, levels, args, epoch) -> dict:
+def epoch_end(sampler, teacher, tok, mem, state, train, levels, args, epoch) -> dict:
     """Co-evolution at the end of an epoch, from the current policy's rollouts of this epoch:
     reflect one candidate insight per question, admit it only if it raises the teacher's
     likelihood of verified solutions on sibling questions (not its source), update the counters
@@ -861,7 +871,7 @@ def epoch_end(model, teacher, tok, mem, state, train, levels, args, epoch) -> di
         good = next((r["text"] for r in rs if r["reward"] == 1), None)
         bad = next((r for r in rs if r["reward"] != 1), None)
         evidence.append((by_id[qid], good, bad["text"] if bad else None, bad["feedback"] if bad else None))
-    cands, n_tok = reflect(model, tok, args.reflector, evidence, args.temperature,
+    cands, n_tok = reflect(sampler, tok, args.reflector, evidence, args.temperature,
                            common.stream_seed(args.seed, "reflect", epoch))
     state["compute"]["reflection_tokens"] += n_tok
 
@@ -891,7 +901,7 @@ def epoch_end(model, teacher, tok, mem, state, train, levels, args, epoch) -> di
         if g is not None:
             e["helpful" if g > 0 else "harmful"] += 1
     state["compute"]["gate_tokens"] += g_tok + o_tok
-    n_beh = build_behaviors(model, tok, mem, args, epoch) if "behavior" in levels else 0
+    n_beh = build_behaviors(sampler, tok, mem, args, epoch) if "behavior" in levels else 0
     dropped = prune(mem)
     tested = len(cands) - untestable
     info = {"candidates": len(cands), "untestable": untestable, "admitted": len(admitted),

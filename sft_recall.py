@@ -293,10 +293,13 @@ def tune_threshold(p: np.ndarray, label: np.ndarray) -> float:
     return max(cands, key=lambda t: (bacc(t), -abs(t - 0.5)))
 
 
-def run_free(model, tok, qs, n, args, tau, progress="free (arm c)"):
+def run_free(model, tok, qs, n, args, tau, progress="free (arm c)", roll=None):
     """Arm c on questions qs: decide, recall where decided, answer. Returns per question a dict
-    with p_recall, decision, rewards (n,), recalled bodies (n, or None), and arm d's rewards."""
+    with p_recall, decision, rewards (n,), recalled bodies (n, or None), and arm d's rewards.
+    p(<recall>) comes from the trained weights; the samples from roll (the rollout copy, default
+    the model itself)."""
     p = p_recall(model, tok, qs)
+    model = model if roll is None else roll
     d_R, d_out = sample_arm(model, tok, [(q, common.question_prompt(tok, q), ()) for q in qs], n, args,
                             "eval", progress=progress + ": plain")
     rec_idx = [i for i, q in enumerate(qs) if p[i] >= tau]
@@ -512,7 +515,8 @@ def run_placebo(args, out, examples, rstar, dev, labels, heldout, by_id, base_mo
     train_sft(model, tok, pex, args, pdir, out / "metrics.jsonl", "placebo")
     model.eval()
     tau = tune_threshold(p_recall(model, tok, dev), np.array([labels[q.id]["label"] == "recall" for q in dev], bool))
-    res = run_free(model, tok, heldout, args.eval_samples, args, tau, progress="placebo (arm e)")
+    res = run_free(model, tok, heldout, args.eval_samples, args, tau, progress="placebo (arm e)",
+                   roll=common.rollout_copy(model, args.rollout_dtype))
     return {"tau": tau, "mapping": mapping, "heldout": {q.id: r for q, r in zip(heldout, res)}}
 
 
@@ -859,7 +863,9 @@ def main():
     sel_path, lab_path, data_path = out / "selection.json", out / "labels.json", out / "sft_data.jsonl"
     if not (args.resume and sel_path.exists() and lab_path.exists() and data_path.exists()):
         base_model()
-        selection, labels, examples = build_data(model, tok, args, questions, select_qs, split, cands, source)
+        roll = common.rollout_copy(model, args.rollout_dtype)   # bf16 copy where bf16 is fast, else model itself
+        selection, labels, examples = build_data(roll, tok, args, questions, select_qs, split, cands, source)
+        del roll
         common.save_bank(sel_path, selection)
         common.atomic_write_json(lab_path, labels)
         common.atomic_write_text(data_path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
@@ -882,7 +888,9 @@ def main():
     base_path = out / "eval_base.json"
     if not (args.resume and base_path.exists()):
         base_model()
-        common.atomic_write_json(base_path, eval_base(model, tok, args, sets, rstar))
+        roll = common.rollout_copy(model, args.rollout_dtype)
+        common.atomic_write_json(base_path, eval_base(roll, tok, args, sets, rstar))
+        del roll
     base = json.loads(base_path.read_text())
 
     # ---- 3. SFT
@@ -901,8 +909,10 @@ def main():
     model.eval()
     p_dev = p_recall(model, tok, dev)
     tau = tune_threshold(p_dev, np.array([labels[q.id]["label"] == "recall" for q in dev], bool))
-    trained = {name: run_free(model, tok, qs, args.eval_samples, args, tau, progress=f"{name}")
+    roll = common.rollout_copy(model, args.rollout_dtype)         # made after training: nothing to sync
+    trained = {name: run_free(model, tok, qs, args.eval_samples, args, tau, progress=f"{name}", roll=roll)
                for name, qs in sets.items() if qs}
+    del roll
     common.atomic_write_json(out / "eval_trained.json", {"tau": tau, "p_dev": p_dev.tolist(), "sets": {
         name: {q.id: r for q, r in zip(sets[name], res)} for name, res in trained.items()}})
     with open(out / "recalls.jsonl", "w", encoding="utf-8") as f:

@@ -86,6 +86,9 @@ def main():
     p.add_argument("--model", default="gemma", help="'gemma' (embedded, offline) or a local HF folder / hub id")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--rollout-dtype", default=None,
+                   help="dtype to sample in: auto (default: bfloat16 on CUDA and on CPUs with native bf16, "
+                        "else the weights' dtype) | float32 | bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", nargs="+", default=["data/procedural.jsonl", "data/obstetrics.jsonl"])
     p.add_argument("--samples", type=int, default=16, help="samples per question and arm")
@@ -99,6 +102,8 @@ def main():
     common.check_positive(args, ["temperature"])
     sets = {path: common.load_questions(path) for path in args.data}   # bad data fails before the model
     model, tok = common.load_model(args.model, args.device, args.dtype)
+    model = common.rollout_copy(model, args.rollout_dtype)       # nothing is trained: sample from the copy only
+    print(f"sampling in {next(model.parameters()).dtype}")
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
     rows, raw = [], {}

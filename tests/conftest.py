@@ -81,3 +81,36 @@ class ScriptedLM(torch.nn.Module):
         for b, i in enumerate(j):
             logits[b, 0, self.script[min(i, len(self.script) - 1)]] = 0.0
         return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture
+def bf16_rollouts(monkeypatch):
+    """For a stage run in-process with --rollout-dtype bfloat16: records, at every common.sample
+    call, whether the model sampled from is a bf16 copy equal to some loaded (trained, fp32) model
+    cast to bf16 *at that moment*, i.e. synced, and a fingerprint of that model's weights, so a
+    test can also check that the weights moved between samples (else a stale copy would pass)."""
+    loaded, calls = [], []
+    real_load, real_sample = common.load_model, common.sample
+
+    def load(*a, **k):
+        model, tok = real_load(*a, **k)
+        loaded.append(model)
+        return model, tok
+
+    def sample(model, *a, **k):
+        mine = dict(model.named_parameters())
+        synced, print_ = False, None
+        for trained in loaded:
+            theirs = dict(trained.named_parameters())
+            if trained is not model and theirs.keys() == mine.keys() and all(
+                    torch.equal(p.detach().to(torch.bfloat16), mine[n]) for n, p in theirs.items()):
+                synced = True
+                print_ = float(sum(p.detach().double().sum() for p in theirs.values()))
+                break
+        calls.append({"bf16": next(model.parameters()).dtype == torch.bfloat16, "synced": synced,
+                      "weights": print_})
+        return real_sample(model, *a, **k)
+
+    monkeypatch.setattr(common, "load_model", load)
+    monkeypatch.setattr(common, "sample", sample)
+    return calls

@@ -344,6 +344,7 @@ def test_distillation_term_trains_even_where_grpo_has_no_signal(tiny_files, tmp_
                 if '"step": 1' in ln and '"check"' not in ln and '"phase"' not in ln)
     assert step["skipped_groups"] == 2 and step["pg_loss"] == 0.0
     assert step["cd_kl"] > 0 and step["updated"] and step["grad_norm"] > 0
+    assert step["logprob_mismatch"]["n"] > 0 and step["logprob_mismatch"]["max"] < 1e-3   # fp32: float noise
 
 
 @pytest.mark.parametrize("source", ["library", "recall"])
@@ -361,3 +362,16 @@ def test_library_and_recall_sources_resolve_through_main(source, tmp_path, monke
     with pytest.raises(SystemExit):
         common.run_main(d.main)
     assert "velt-code/hands has 16 questions" in capsys.readouterr().err
+
+
+def test_bf16_rollout_copy_is_synced_after_every_update_and_restore(tiny_files, tmp_path, monkeypatch, bf16_rollouts):
+    """--rollout-dtype bfloat16: every sample (gate, teacher, rollouts, canary, dev, eval after the
+    dev-selected restore) comes from the bf16 copy, equal at that moment to the trained weights."""
+    run_tiny(tiny_files, tmp_path / "run", "--force", "--method", "distill", "--steps", "2",
+             "--canary-every", "1", "--no-controls", "--optimizer", "sgd", "--lr", "0.05",
+             "--rollout-dtype", "bfloat16", monkeypatch=monkeypatch)
+    assert bf16_rollouts and all(c["bf16"] and c["synced"] for c in bf16_rollouts)
+    assert len({c["weights"] for c in bf16_rollouts}) > 1, "the weights never moved between samples"
+    steps = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if m.get("updated")]
+    assert steps and all(m["rollout_sync_s"] > 0 for m in steps)

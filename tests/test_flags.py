@@ -32,10 +32,14 @@ BASE = {
     "bench/bench_train_step.py": [],
     "dream.py": ["--data", DATA, "--cluster", "velt-code", "--subtype", "hands"],
     "sft_recall.py": ["--data", DATA, "--lessons", "data"],
+    "bench/sweep_sft_lr.py": ["--run", str(ROOT)],
 }
 
 # (script, bad arguments, what the one line must name)
 CASES = [
+    ("bench/sweep_sft_lr.py", ["--lrs", "1e-4", "0"], "--lrs 0.0001 0: every lr must be greater than 0"),
+    ("bench/sweep_sft_lr.py", [], "no config.json (not a finished sft_recall.py run)"),
+    ("data/calibrate.py", ["--rollout-dtype", "fp8"], "--rollout-dtype fp8"),
     ("bench/bench_sft.py", ["--batch", "0"], "--batch 0"),
     ("bench/bench_sft.py", ["--repeats", "0"], "--repeats 0"),
     ("bench/bench_sft.py", ["--tokens", "64", "--trained", "64"], "--tokens 64: must be at least 65"),

@@ -408,3 +408,16 @@ def test_compare_one_step_of_each_method_changes_the_weights_and_shares_one_base
         evs.append(json.loads((out / method / "eval.json").read_text()))
     assert evs[0]["base"] == evs[1]["base"] == evs[2]["base"]          # one base, paired rows
     assert all(e["final"]["summary"]["n_questions"] == 4 and "pass_at_k" in e["final"]["summary"] for e in evs)
+
+
+def test_bf16_rollout_copy_is_synced_after_every_update(files, tmp_path, monkeypatch, bf16_rollouts):
+    """--rollout-dtype bfloat16: rollouts, reflections and evaluations all come from the bf16 copy,
+    equal at that moment to the trained weights (the lr is large enough to move bf16 weights)."""
+    out = tmp_path / "bf"
+    run(files, out, monkeypatch, "--method", "pmd", "--lr", "1e-2", "--rollout-dtype", "bfloat16")
+    assert bf16_rollouts and all(c["bf16"] and c["synced"] for c in bf16_rollouts)
+    assert len({c["weights"] for c in bf16_rollouts}) > 1, "the weights never moved between samples"
+    steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    upd = [m for m in steps if m.get("grad_norm") is not None]
+    assert upd and all(m["rollout_sync_s"] > 0 and m["logprob_mismatch"]["n"] > 0 for m in upd)
+    assert all(m["logprob_mismatch"]["max"] < 1.0 for m in upd)

@@ -340,3 +340,36 @@ def test_grpo_then_sft_chain(tiny_files, tmp_path):
     cfg = json.loads((b / "config.json").read_text())
     assert cfg["model"] == str(a / "checkpoint") and (b / "report.md").exists()
     assert common.load_bank(b / "selection.json", s.SELECTION_KIND)["entries"]
+
+
+def test_bf16_rollout_copy_samples_base_and_trained_weights(tiny_files, tmp_path, monkeypatch, bf16_rollouts):
+    """--rollout-dtype bfloat16: selection and arms a, b sample from a bf16 copy of the base
+    weights; arms c, d from a copy made after training, so they see the trained weights."""
+    run_stage(tiny_files, tmp_path / "r", "--library", str(tiny_files / "library.json"), "--epochs", "1",
+              "--rollout-dtype", "bfloat16", monkeypatch=monkeypatch)
+    assert bf16_rollouts and all(c["bf16"] and c["synced"] for c in bf16_rollouts)
+    assert len({c["weights"] for c in bf16_rollouts}) == 2, "base, then trained weights"
+
+
+def test_lr_sweep_reuses_the_runs_rows_and_never_touches_held_out(tiny_run, tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import sweep_sft_lr
+    split = json.loads((tiny_run / "labels.json").read_text())          # train / dev ids only
+    held = [q for q in common.load_questions(json.loads((tiny_run / "config.json").read_text())["data"])
+            if q.id not in split]
+    assert held
+    seen = []
+    real = common.token_logprobs
+    monkeypatch.setattr(common, "token_logprobs", lambda m, p, c, **k: seen.extend(p) or real(m, p, c, **k))
+    monkeypatch.setattr(sys, "argv", ["sweep_sft_lr.py", "--run", str(tiny_run), "--lrs", "1e-4", "3e-3",
+                                      "--out", str(tmp_path)])
+    common.run_main(sweep_sft_lr.main)
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["lr"] for r in res["results"]] == [0.0, 1e-4, 3e-3]
+    best = min(res["results"][1:], key=lambda r: r["dev"]["loss"])
+    assert res["chosen"] == best["lr"] and all(r["dev"]["tokens"] > 0 for r in res["results"])
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(json.loads((tiny_run / "config.json").read_text())["model"])
+    texts = [tok.decode(p) for p in seen]
+    assert texts and not any(q.question in t for q in held for t in texts)
+    assert "Chosen: **" in (tmp_path / "sweep.md").read_text()
