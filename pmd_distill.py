@@ -44,7 +44,6 @@ import copy
 import json
 import math
 import re
-import sys
 import time
 import zlib
 from collections import Counter

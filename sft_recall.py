@@ -53,7 +53,6 @@ import argparse
 import dataclasses
 import json
 import math
-import re
 import sys
 import time
 import zlib

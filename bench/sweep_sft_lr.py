@@ -70,7 +70,6 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
 
     questions = common.load_questions(args.data)
-    by_id = {q.id: q for q in questions}
     split = s.split_questions(questions, args.holdout, args.dev, args.seed)
     labels = json.loads((run / "labels.json").read_text())
     examples = [json.loads(ln) for ln in (run / "sft_data.jsonl").read_text().splitlines()]

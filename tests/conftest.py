@@ -46,6 +46,13 @@ def make_tiny_gemma(vocab_size: int, seed: int = 0, sliding_window: int = 8):
     return model
 
 
+def save_tiny_model(folder, tok, seed: int = 3):
+    """A tiny Gemma and its tokenizer saved as an HF folder, loadable with --model folder."""
+    make_tiny_gemma(len(tok), seed=seed).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_tok():
     return make_char_tokenizer()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_gemma
+from conftest import make_tiny_gemma, save_tiny_model
 
 import common
 import dream as d
@@ -285,9 +285,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(argv, names, tmp_path, mon
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory, tiny_tok):
     dd = tmp_path_factory.mktemp("dream")
-    model = make_tiny_gemma(len(tiny_tok), seed=3)
-    model.save_pretrained(dd / "model")
-    tiny_tok.save_pretrained(dd / "model")
+    save_tiny_model(dd / "model", tiny_tok)
     rows = [{"id": f"{c}{i}", "cluster": c, "subtype": "s", "question": f"{c} {i}?", "choices": ["x", "y"],
              "answer": "AB"[i % 2], "answer_type": "mcq", "lesson": f"{c} is y."}
             for c, n in (("k", 6), ("f", 3), ("g", 3)) for i in range(n)]

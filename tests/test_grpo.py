@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_gemma
+from conftest import save_tiny_model
 from transformers import AutoModelForCausalLM
 
 import common
@@ -159,9 +159,7 @@ def test_meta_gaming_detector(text, flagged):
 @pytest.fixture(scope="module")
 def tiny_run_files(tmp_path_factory, tiny_tok):
     d = tmp_path_factory.mktemp("tiny")
-    model = make_tiny_gemma(len(tiny_tok), seed=3)
-    model.save_pretrained(d / "model")
-    tiny_tok.save_pretrained(d / "model")
+    save_tiny_model(d / "model", tiny_tok)
     rows = [{"id": f"{c}{i}", "cluster": c, "subtype": "s", "question": f"{c} question {i}?",
              "choices": ["x", "y", "z"], "answer": "B", "answer_type": "mcq", "lesson": f"{c} means y."}
             for c in ("k", "f") for i in range(4)]

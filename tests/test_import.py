@@ -288,11 +288,9 @@ def test_ids_are_stable_across_runs_and_limits(convert):
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, tiny_tok):
-    from conftest import make_tiny_gemma
+    from conftest import save_tiny_model
     d = tmp_path_factory.mktemp("tiny") / "model"
-    make_tiny_gemma(len(tiny_tok), seed=3).save_pretrained(d)
-    tiny_tok.save_pretrained(d)
-    return d
+    return save_tiny_model(d, tiny_tok)
 
 
 def test_stages_run_on_an_imported_set_and_say_what_they_skip(convert, tiny_folder, tmp_path, monkeypatch, capsys):

@@ -10,7 +10,7 @@ import json
 import sys
 
 import pytest
-from conftest import make_tiny_gemma
+from conftest import save_tiny_model
 from test_grpo import scripted_sampler
 
 import common
@@ -22,9 +22,7 @@ import sft_recall
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_tok):
     d = tmp_path_factory.mktemp("cycle")
-    model = make_tiny_gemma(len(tiny_tok), seed=3)
-    model.save_pretrained(d / "model")
-    tiny_tok.save_pretrained(d / "model")
+    save_tiny_model(d / "model", tiny_tok)
     rows = [{"id": f"{c}{i}", "cluster": c, "subtype": "s", "question": f"{c} question {i}?",
              "choices": ["x", "y", "z"], "answer": "B", "answer_type": "mcq", "lesson": f"{c} means y."}
             for c, n in (("k", 8), ("f", 6), ("g", 4)) for i in range(n)]

@@ -3,15 +3,13 @@ contexts and inputs, pass@k, the memory's caps / merges / counters / redaction, 
 held-out questions never reaching memory, one step of each method moving the weights, resume."""
 import itertools
 import json
-import math
 import sys
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_gemma
+from conftest import make_tiny_gemma, save_tiny_model
 from safetensors.torch import load_file
 
 import common
@@ -268,9 +266,7 @@ def test_split_is_by_id_stratified_and_disjoint():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_tok):
     d = tmp_path_factory.mktemp("pmd")
-    model = make_tiny_gemma(len(tiny_tok), seed=3)
-    model.save_pretrained(d / "model")
-    tiny_tok.save_pretrained(d / "model")
+    save_tiny_model(d / "model", tiny_tok)
     rows = [{"id": f"{c}{s}{i}", "cluster": c, "subtype": s, "question": f"{c}{s}{i}?", "choices": ["x", "y"],
              "answer": "B", "answer_type": "mcq"} for c in "kf" for s in "st" for i in range(4)]
     (d / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_gemma
+from conftest import make_tiny_gemma, save_tiny_model
 
 import common
 
@@ -189,8 +189,7 @@ def test_grpo_samples_from_the_rollout_model(tiny_tok, tmp_path, monkeypatch, dt
 
     import grpo_introspect as g
     model_dir = tmp_path / "model"
-    make_tiny_gemma(len(tiny_tok), seed=3).save_pretrained(model_dir)
-    tiny_tok.save_pretrained(model_dir)
+    save_tiny_model(model_dir, tiny_tok)
     rows = [{"id": f"{c}{i}", "cluster": c, "subtype": "s", "question": f"{c} question {i}?",
              "choices": ["x", "y", "z"], "answer": "B", "answer_type": "mcq"} for c in ("k", "f") for i in range(3)]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_gemma
+from conftest import make_tiny_gemma, save_tiny_model
 
 import common
 import sft_recall as s
@@ -181,9 +181,7 @@ def test_sft_overfits_a_recall_string(tiny_tok, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory, tiny_tok):
     d = tmp_path_factory.mktemp("sft")
-    model = make_tiny_gemma(len(tiny_tok), seed=3)
-    model.save_pretrained(d / "model")
-    tiny_tok.save_pretrained(d / "model")
+    save_tiny_model(d / "model", tiny_tok)
     rows = [{"id": f"{c}{i}", "cluster": c, "subtype": "s", "question": f"{c}{i}?", "choices": ["x", "y", "z"],
              "answer": "B", "answer_type": "mcq", "lesson": f"{c} means y.", "cue": "so"}
             for c in ("k", "f") for i in range(8)]
