@@ -795,7 +795,7 @@ def main():
     p.add_argument("--max-len", type=int, default=384, help="prompt + completion tokens per SFT row")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (bench/sweep_sft_lr.py: 3e-5 and 1e-4 forget)")
     p.add_argument("--warmup", type=int, default=2, help="warmup steps")
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--weight-decay", type=float, default=0.0)

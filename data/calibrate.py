@@ -14,7 +14,7 @@ Verdict per row: `signal` when the base accuracy is within [10%, 80%] and the le
 lies wholly above the base arm's; `weak` when only the oracle advantage's interval is above 0;
 `none` otherwise.
 
-    python data/calibrate.py --data data/procedural.jsonl data/obstetrics.jsonl --samples 16
+    python data/calibrate.py --data data/procedural.jsonl data/obstetrics.jsonl --samples 8     # as data/calibration.md (16 before 2026-12-02)
 """
 import argparse
 import os
