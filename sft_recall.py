@@ -298,15 +298,15 @@ def run_free(model, tok, qs, n, args, tau, progress="free (arm c)", roll=None):
     p(<recall>) comes from the trained weights; the samples from roll (the rollout copy, default
     the model itself)."""
     p = p_recall(model, tok, qs)
-    model = model if roll is None else roll
-    d_R, d_out = sample_arm(model, tok, [(q, common.question_prompt(tok, q), ()) for q in qs], n, args,
+    sampler = model if roll is None else roll
+    d_R, d_out = sample_arm(sampler, tok, [(q, common.question_prompt(tok, q), ()) for q in qs], n, args,
                             "eval", progress=progress + ": plain")
     rec_idx = [i for i, q in enumerate(qs) if p[i] >= tau]
     jobs = []
     for i in rec_idx:
         head, _ = prompt_parts(tok, qs[i])
         jobs.append((qs[i], head + recall_open(head), ()))
-    _, bodies = sample_arm(model, tok, jobs, n, args, "eval-recall", progress=progress + ": recall",
+    _, bodies = sample_arm(sampler, tok, jobs, n, args, "eval-recall", progress=progress + ": recall",
                            max_new=args.recall_tokens, stop=RECALL_STOP)
     ans_jobs, where = [], []
     for k, i in enumerate(rec_idx):
@@ -320,7 +320,7 @@ def run_free(model, tok, qs, n, args, tau, progress="free (arm c)", roll=None):
     c_R = d_R.copy()
     if ans_jobs:
         seeds = [common.stream_seed(args.seed, "eval", qcode(q), j) for (q, _, (j,)) in ans_jobs]
-        out = common.sample(model, tok, [pr for _, pr, _ in ans_jobs], n=1, max_new_tokens=args.answer_tokens,
+        out = common.sample(sampler, tok, [pr for _, pr, _ in ans_jobs], n=1, max_new_tokens=args.answer_tokens,
                             temperature=args.temperature, stop=ANSWER_STOP, row_seeds=seeds,
                             progress=progress + ": answer")
         for (i, j, _, _), s in zip(where, out):
