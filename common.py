@@ -956,17 +956,20 @@ def wilson(k: float, n: int) -> tuple[float, float]:
     d = 1 + z * z / n
     c = (m + z * z / (2 * n)) / d
     h = z * math.sqrt(max(m * (1 - m), 0.0) / n + z * z / (4 * n * n)) / d
-    return c - h, c + h
+    return max(c - h, 0.0), min(c + h, 1.0)     # the bounds are in [0, 1]; only rounding could leave it
 
 
-def mean_ci(values, binary: bool) -> dict:
+def mean_ci(values, binary: bool, bounds: tuple[float, float] | None = None) -> dict:
     """{"mean", "lo", "hi", "n"}: a 95% interval for the mean of INDEPENDENT values.
 
     The caller says what the values are: binary=True (0/1 rewards) gives a Wilson interval, honest
     near 0 and 1; binary=False gives a Student-t interval (at n=4 a normal z interval covers only
     ~85%). Values that share a question are not independent: use cluster_bootstrap_ci for them.
     An interval that cannot be computed (n < 2, or no variation in non-binary values) is flagged
-    with "note" rather than given zero width."""
+    with "note" rather than given zero width.
+    bounds=(lo, hi): the range the values can take (a pass@k lies in [0, 1]); the t interval is
+    cut to it. The mean lies there too, so the cut interval keeps its coverage and no longer shows
+    impossible values such as a negative rate at n=7."""
     x = np.asarray(list(values), dtype=float)
     n = int(x.size)
     if n == 0:
@@ -982,7 +985,10 @@ def mean_ci(values, binary: bool) -> dict:
         return {"mean": m, "lo": float("nan"), "hi": float("nan"), "n": n,
                 "note": f"no interval: n={n}" if n < 2 else f"no interval: all {n} values equal"}
     h = t975(n - 1) * sd / math.sqrt(n)
-    return {"mean": m, "lo": m - h, "hi": m + h, "n": n}
+    lo, hi = m - h, m + h
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {"mean": m, "lo": lo, "hi": hi, "n": n}
 
 
 def paired_binary_ci(a, b) -> dict:

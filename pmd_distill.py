@@ -38,6 +38,7 @@ Simplifications, all deliberate:
     python pmd_distill.py --model gemma --method sdpo         # and grpo
     python pmd_distill.py --model gemma --compare             # base + grpo + sdpo + pmd, one report
     python pmd_distill.py --out runs/NAME --resume            # continue after a kill or Ctrl-C
+    python pmd_distill.py --model gemma --compare --ablations --out runs/NAME --resume   # add the ablations
 """
 import argparse
 import copy
@@ -541,9 +542,11 @@ def summarise(per_q: list[dict], seed: int, k_max: int | None = None) -> dict:
          "greedy": common.mean_ci([p["greedy"] for p in per_q], binary=True),
          "majority": common.mean_ci([p["majority"] for p in per_q], binary=True),
          "coverage": common.mean_ci([float(ci > 0) for ci in c], binary=True),
-         "distinct": common.mean_ci([p["distinct"] for p in per_q], binary=False),
-         "headroom": common.mean_ci([pass_at_k(n, ci, n) - ci / n for ci in c], binary=False),
-         "pass_at_k": {str(k): common.mean_ci([pass_at_k(n, ci, k) for ci in c], binary=False) for k in pass_ks(min(k_max or n, n))}}
+         "distinct": common.mean_ci([p["distinct"] for p in per_q], binary=False, bounds=(0, n)),
+         "headroom": common.mean_ci([pass_at_k(n, ci, n) - ci / n for ci in c], binary=False, bounds=(0, 1)),
+         # pass@n is 0/1 per question (= coverage): Wilson; pass@k for k < n is a fraction: t, cut to [0, 1]
+         "pass_at_k": {str(k): common.mean_ci([pass_at_k(n, ci, k) for ci in c], binary=k == n, bounds=None if k == n else (0, 1))
+                       for k in pass_ks(min(k_max or n, n))}}
     return s
 
 
@@ -634,8 +637,11 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
     train_ids = {q.id for q in train}
     mem_path, metrics_path, eval_path = out / "memory.json", out / "metrics.jsonl", out / "eval.json"
     if eval_path.exists() and args.resume:
-        log(f"{out}: finished earlier; keeping its results")
-        return json.loads(eval_path.read_text())
+        log(f"{out}: finished earlier; keeping its samples, recomputing its summaries and report")
+        result = add_summaries(json.loads(eval_path.read_text()), args)
+        common.atomic_write_json(eval_path, result)
+        write_report(out, args, result)
+        return result
     ckpt = common.find_checkpoint(out) if args.resume else None     # survives a kill mid-save
     resuming = ckpt is not None
     model, tok = common.load_model(str(ckpt) if resuming else args.model, args.device, args.dtype)
@@ -835,21 +841,32 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
     elif state["best"]["epoch"] == 0:
         best = state["base"]
     result = {"method": args.method, "freeze": args.freeze, "levels": list(levels), "reflector": args.reflector,
-              "base": {"per_question": state["base"], "summary": summarise(state["base"], args.seed, args.pass_k)},
-              "final": {"per_question": final, "summary": summarise(final, args.seed, args.pass_k),
-                        "vs_base": paired_vs(final, state["base"])},
+              "base": {"per_question": state["base"]}, "final": {"per_question": final},
               "best_on_dev": {"epoch": state["best"]["epoch"], "dev": state["best"]["dev"]},
               "dev_curve": state["dev"], "compute": {**dict(state["compute"]), "wall_s": time.time() - t_run},
               "memory_size": level_sizes(mem)}
     if best is not None:
-        result["best_on_dev"].update(summary=summarise(best, args.seed, args.pass_k), vs_base=paired_vs(best, state["base"]),
-                                     per_question=best)
+        result["best_on_dev"]["per_question"] = best
     else:
         result["best_on_dev"]["same_as"] = "final"
+    result = add_summaries(result, args)
     # metrics written by a resumed run count the wall time of its own part only
     common.atomic_write_json(eval_path, result)
     write_report(out, args, result)
     log(f"memory: {mem_path}\nmetrics: {metrics_path}\nreport:  {out / 'report.md'}")
+    return result
+
+
+def add_summaries(result: dict, args) -> dict:
+    """The summaries (and the paired comparisons with the base) of an eval.json result, computed
+    from its per-question samples only, so a --resume of a finished run re-derives them with the
+    current statistics."""
+    base = result["base"]["per_question"]
+    result["base"]["summary"] = summarise(base, args.seed, args.pass_k)
+    for part in (result["final"], result["best_on_dev"]):
+        if "per_question" in part:
+            part.update(summary=summarise(part["per_question"], args.seed, args.pass_k),
+                        vs_base=paired_vs(part["per_question"], base))
     return result
 
 
@@ -1096,7 +1113,8 @@ def main():
         for p in [Path(args.out) / "memory.json", *Path(args.out).glob("*/memory.json")]:
             if p.exists():
                 common.load_bank(p, MEMORY_KIND)
-    out = common.setup_run(args, "pmd_distill")
+    # --ablations may be added to a finished --compare: its grpo/sdpo/pmd runs are kept
+    out = common.setup_run(args, "pmd_distill", may_differ=common.RESUME_MAY_DIFFER + ("ablations",))
     common.atomic_write_json(out / "split.json", {k: [q.id for q in v] for k, v in split.items()})
     print(f"run folder: {out}\ntrain {len(split['train'])}, dev {len(split['dev'])}, test {len(split['test'])} "
           f"questions from {args.data}")

@@ -615,7 +615,7 @@ def train_sft(model, tok, examples, args, out: Path, metrics_path: Path, phase: 
 
 
 def write_report(out, args, source, selection, labels, examples, split, by_id, sets, base, trained, tau,
-                 placebo, metrics_path, t_train):
+                 placebo, metrics_path, times):
     seed = common.stream_seed(args.seed, "report-boot")
     rstar = {(e["cluster"] + "/" + e["subtype"]) if e["subtype"] else e["cluster"]: e for e in selection["entries"]}
     ben = lambda q: bool(rstar.get(type_key(q), {}).get("beneficial"))
@@ -651,10 +651,12 @@ def write_report(out, args, source, selection, labels, examples, split, by_id, s
     sft = [m for m in ms if m.get("phase") == "sft"]
     if sft:
         first, last = sft[0], sft[-1]
+        phases = ", ".join(f"{k.replace('_', ' ')} {v / 60:.1f} min" for k, v in times.items())
         L += ["", "## Training", "",
               f"{len(sft)} AdamW steps over {args.epochs} epochs (batch {args.batch_size}, lr {args.lr:g}, warmup "
-              f"{args.warmup}, clip {args.clip}); {t_train:.0f} s this session, median {np.median([m['tokens_per_s'] for m in sft]):.0f} "
-              f"tokens/s, peak memory {max(m['peak_memory_mb'] for m in sft):.0f} MB.", "",
+              f"{args.warmup}, clip {args.clip}); {times.get('sft', 0):.0f} s this session, median {np.median([m['tokens_per_s'] for m in sft]):.0f} "
+              f"tokens/s, peak memory {max(m['peak_memory_mb'] for m in sft):.0f} MB. Wall time this session by "
+              f"phase (all phases: `timing.json`): {phases}.", "",
               "| step | loss | decision NLL | recall NLL | EOS NLL | grad norm |", "|---|---|---|---|---|---|"]
         for m in (first, last):
             f3 = lambda x: "-" if x is None else f"{x:.3f}"
@@ -802,10 +804,10 @@ def main():
     p.add_argument("--train-answer", action="store_true", help="ablation: train the answer tokens too")
     p.add_argument("--train-embeddings", action="store_true", help="also train the (tied) embedding")
     p.add_argument("--placebo", action="store_true", help="arm e: the same SFT with the type -> lesson map shuffled")
-    p.add_argument("--fresh", type=int, default=2, help="fresh make_procedural instances per sub-type (0: none)")
+    p.add_argument("--fresh", type=int, default=1, help="fresh make_procedural instances per sub-type (0: none)")
     p.add_argument("--fresh-seed", type=int, default=1, help="make_procedural seed of the fresh instances")
     p.add_argument("--canary", default="data/obstetrics.jsonl", help="forgetting canary question file ('' : none)")
-    p.add_argument("--canary-questions", type=int, default=14)
+    p.add_argument("--canary-questions", type=int, default=10, help="canary questions evaluated (spread over the file)")
     p.add_argument("--compose-questions", type=int, default=8, help="composed questions evaluated")
     args = p.parse_args()
 
@@ -847,6 +849,12 @@ def main():
     print(f"run folder: {out}\nlessons from: {source}; data {args.data}")
 
     ckpt = out / "checkpoint"
+    times, t_phase = {}, time.time()      # wall seconds per phase, this session (timing.json, report)
+
+    def lap(name):
+        nonlocal t_phase
+        times[name] = time.time() - t_phase
+        t_phase = time.time()
     split = split_questions(questions, args.holdout, args.dev, args.seed)
     by_id = {q.id: q for q in questions}
     select_qs = [q for q in questions if split[q.id] in ("train", "dev")]
@@ -868,6 +876,7 @@ def main():
         common.save_bank(sel_path, selection)
         common.atomic_write_json(lab_path, labels)
         common.atomic_write_text(data_path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+        lap("selection")
     selection = common.load_bank(sel_path, SELECTION_KIND)
     labels = json.loads(lab_path.read_text())
     examples = [json.loads(ln) for ln in data_path.read_text().splitlines()]
@@ -890,6 +899,7 @@ def main():
         roll = common.rollout_copy(model, args.rollout_dtype)
         common.atomic_write_json(base_path, eval_base(roll, tok, args, sets, rstar))
         del roll
+        lap("base_arms")
     base = json.loads(base_path.read_text())
 
     # ---- 3. SFT
@@ -900,9 +910,8 @@ def main():
     set_trainable(model, args)
     print(f"SFT on {len(examples)} examples ({sum(e['kind'] == 'recall' for e in examples)} with a recall), "
           f"{args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr:g}")
-    t_train = time.time()
     train_sft(model, tok, examples, args, out, metrics_path, "sft")
-    t_train = time.time() - t_train
+    lap("sft")
 
     # ---- 4b. arms c and d on the trained model; the threshold from dev only
     model.eval()
@@ -920,6 +929,7 @@ def main():
                                 "recalled": r["recalled"][0], "reward": int(r["c"][0]),
                                 "samples": [{"recalled": x, "reward": int(y)} for x, y in zip(r["recalled"], r["c"])]},
                                ensure_ascii=False) + "\n")
+    lap("trained_arms")
 
     # ---- 4c. placebo (arm e): the same SFT with the type -> lesson mapping shuffled
     placebo = None
@@ -928,9 +938,13 @@ def main():
         model = None
         placebo = run_placebo(args, out, examples, rstar, dev, labels, heldout, by_id, base_model)
         common.atomic_write_json(out / "eval_placebo.json", placebo)
+        lap("placebo")
 
     write_report(out, args, source, selection, labels, examples, split, by_id, sets, base, trained, tau,
-                 placebo, metrics_path, t_train)
+                 placebo, metrics_path, times)
+    lap("report")
+    common.atomic_write_json(out / "timing.json", {**{f"{k}_s": round(v, 1) for k, v in times.items()},
+                                                   "total_s": round(sum(times.values()), 1)})
     print(f"selection: {sel_path}\nSFT data:  {data_path}\nrecalls:   {out / 'recalls.jsonl'}\n"
           f"report:    {out / 'report.md'}")
 

@@ -8,7 +8,23 @@ is that step's own; the table gives the median of --repeats runs with min and ma
 
 The step is the loop of pmd_distill.py, phase by phase, on the same fixed questions and seeds
 (the memory for pmd is pre-filled by one untimed batch, so retrieval has something to find).
-A comparison with TRL's GRPOTrainer is not included (TRL is not installed here; see bench/RESULTS.md).
+One untimed step (--warmup) runs first, on other seeds, as TRL's first step does below.
+`--trl` adds a row for TRL's GRPOTrainer on the same model, prompts, G, sampling temperature,
+micro-batch and new tokens: loss_type "dapo" (token-level over the active tokens, as ours), no std
+scaling, beta 0 (no reference model), one iteration per batch, AdamW at the same lr and clip. Its
+step is one optimizer step (generation included), timed by a callback; the second step is the one
+reported, after a first that warms up. TRL is not a requirement of this project: install it in
+another environment and point `--trl-python` at that interpreter, e.g.
+
+    python -m venv /tmp/trl && echo "$(python -c 'import site; print(site.getsitepackages()[0])')" \
+        > "$(/tmp/trl/bin/python -c 'import site; print(site.getsitepackages()[0])')/main.pth"
+    /tmp/trl/bin/pip install trl
+    python bench/bench_train_step.py --model gemma --methods grpo --trl --trl-python /tmp/trl/bin/python \
+        --min-new-tokens 16
+
+With --min-new-tokens equal to --max-new-tokens every completion has the same length in both,
+so both train the same number of tokens (TRL's generation has no stop string; ours drops its stop
+string when --min-new-tokens is set).
 """
 import argparse
 import json
@@ -26,6 +42,7 @@ import common  # noqa: E402
 import pmd_distill as pmd  # noqa: E402
 
 PHASES = ("rollouts", "teacher_forward", "student_fwd_bwd", "memory_update", "total")
+TRL = "trl-grpo"
 
 
 def one_step(args) -> dict:
@@ -45,7 +62,8 @@ def one_step(args) -> dict:
     def rollouts(seed):
         seeds = [common.row_seed(seed, b, j) for b in range(len(qs)) for j in range(G)]
         roll = common.sample(model, tok, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=T,
-                             stop=pmd.ANSWER_STOP, row_seeds=seeds, min_new_tokens=args.min_new_tokens)
+                             stop=None if args.min_new_tokens else pmd.ANSWER_STOP, row_seeds=seeds,
+                             min_new_tokens=args.min_new_tokens)
         ver = [common.verify(qs[i // G], s.text) for i, s in enumerate(roll)]
         return roll, [r for r, _ in ver], [f for _, f in ver]
 
@@ -53,73 +71,128 @@ def one_step(args) -> dict:
         roll, rw, fb = rollouts(1)
         for i, s in enumerate(roll):
             pmd.add_experience(mem, qs[i // G], s.text, rw[i], fb[i], 0, 0)
-    t = {}
-    t0 = time.perf_counter()
-    roll, rewards, feedback = rollouts(0)
-    t["rollouts"] = time.perf_counter() - t0
-    comp = [s.token_ids for s in roll]
-    s_ids = [common.encode(tok, prompts[i // G]) for i in range(len(roll))]
-    t["teacher_forward"] = 0.0
-    t1 = time.perf_counter()
-    if args.method == "grpo":
-        A = pmd.grpo_advantages(torch.tensor(rewards).view(len(qs), G)).view(-1)
-        rows = list(range(len(roll)))
-        n_active = sum(len(comp[i]) for i in rows)
-        for s in range(0, len(rows), args.micro_batch):
-            mb = rows[s:s + args.micro_batch]
-            lp = common.token_logprobs(model, [s_ids[i] for i in mb], [comp[i] for i in mb], temperature=T,
-                                       pad_id=tok.pad_token_id)
-            (pmd.grpo_loss(lp["logprobs"], lp["mask"], A[mb]) * (lp["mask"].sum() / n_active)).backward()
-    else:
-        ctx = pmd.contexts(tok, qs, rewards, feedback, [s.text for s in roll], args.method, mem, pmd.LEVELS, 64)
-        rows = [i for i, c in enumerate(ctx) if c[0] is not None]
-        n_active = sum(len(comp[i]) for i in rows)
-        k = min(100, model.config.vocab_size)
-        for s in range(0, len(rows), args.micro_batch):
-            mb = rows[s:s + args.micro_batch]
-            st = common.token_logprobs(model, [s_ids[i] for i in mb], [comp[i] for i in mb], temperature=T,
-                                       pad_id=tok.pad_token_id, student_top_k=k)
-            ta = time.perf_counter()
-            with torch.no_grad():
-                te = common.token_logprobs(teacher, [common.encode(tok, ctx[i][0]) for i in mb], [comp[i] for i in mb],
-                                           temperature=T, pad_id=tok.pad_token_id, extra_ids=st["student_topk_ids"])
-            t["teacher_forward"] += time.perf_counter() - ta
-            pmd.sdpo_loss(st["student_topk_logprobs"], te["extra_logprobs"], st["mask"], 0.5, n_active=n_active).backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if teacher is not None:
-        pmd.ema_update(teacher, model, 0.05)
-    t["student_fwd_bwd"] = time.perf_counter() - t1 - t["teacher_forward"]
-    t2 = time.perf_counter()
-    if args.method == "pmd":
-        for i, s in enumerate(roll):
-            pmd.add_experience(mem, qs[i // G], s.text, rewards[i], feedback[i], 0, 1)
-        for q in qs:
-            pmd.retrieve(mem, q, pmd.LEVELS, tok, 64)
-    t["memory_update"] = time.perf_counter() - t2
-    t["total"] = time.perf_counter() - t0
+
+    def step(seed):
+        t = {}
+        t0 = time.perf_counter()
+        roll, rewards, feedback = rollouts(seed)
+        t["rollouts"] = time.perf_counter() - t0
+        comp = [s.token_ids for s in roll]
+        s_ids = [common.encode(tok, prompts[i // G]) for i in range(len(roll))]
+        t["teacher_forward"] = 0.0
+        t1 = time.perf_counter()
+        if args.method == "grpo":
+            A = pmd.grpo_advantages(torch.tensor(rewards).view(len(qs), G)).view(-1)
+            rows = list(range(len(roll)))
+            n_active = sum(len(comp[i]) for i in rows)
+            for s in range(0, len(rows), args.micro_batch):
+                mb = rows[s:s + args.micro_batch]
+                lp = common.token_logprobs(model, [s_ids[i] for i in mb], [comp[i] for i in mb], temperature=T,
+                                           pad_id=tok.pad_token_id)
+                (pmd.grpo_loss(lp["logprobs"], lp["mask"], A[mb]) * (lp["mask"].sum() / n_active)).backward()
+        else:
+            ctx = pmd.contexts(tok, qs, rewards, feedback, [s.text for s in roll], args.method, mem, pmd.LEVELS, 64)
+            rows = [i for i, c in enumerate(ctx) if c[0] is not None]
+            n_active = sum(len(comp[i]) for i in rows)
+            k = min(100, model.config.vocab_size)
+            for s in range(0, len(rows), args.micro_batch):
+                mb = rows[s:s + args.micro_batch]
+                st = common.token_logprobs(model, [s_ids[i] for i in mb], [comp[i] for i in mb], temperature=T,
+                                           pad_id=tok.pad_token_id, student_top_k=k)
+                ta = time.perf_counter()
+                with torch.no_grad():
+                    te = common.token_logprobs(teacher, [common.encode(tok, ctx[i][0]) for i in mb], [comp[i] for i in mb],
+                                               temperature=T, pad_id=tok.pad_token_id, extra_ids=st["student_topk_ids"])
+                t["teacher_forward"] += time.perf_counter() - ta
+                pmd.sdpo_loss(st["student_topk_logprobs"], te["extra_logprobs"], st["mask"], 0.5, n_active=n_active).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if teacher is not None:
+            pmd.ema_update(teacher, model, 0.05)
+        t["student_fwd_bwd"] = time.perf_counter() - t1 - t["teacher_forward"]
+        t2 = time.perf_counter()
+        if args.method == "pmd":
+            for i, s in enumerate(roll):
+                pmd.add_experience(mem, qs[i // G], s.text, rewards[i], feedback[i], 0, 1)
+            for q in qs:
+                pmd.retrieve(mem, q, pmd.LEVELS, tok, 64)
+        t["memory_update"] = time.perf_counter() - t2
+        t["total"] = time.perf_counter() - t0
+        return t, rows, n_active
+
+    for w in range(args.warmup):     # untimed: first calls pay for allocation and kernel set-up
+        step(100 + w)
+    t, rows, n_active = step(0)
     dev = next(model.parameters()).device
-    return {**t, "peak_mb": common.peak_memory_mb(dev), "rows": len(roll), "trained_rows": len(rows),
+    return {**t, "peak_mb": common.peak_memory_mb(dev), "rows": len(qs) * G, "trained_rows": len(rows),
             "tokens": n_active}
+
+
+def one_step_trl(args) -> dict:
+    """One optimizer step of TRL's GRPOTrainer, configured as our grpo step (see the docstring)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tok = common.load_model(args.model, args.device, args.dtype)
+    qs = [q for q in common.load_questions(args.data) if not q.meta.get("negative_control")]
+    qs = pmd.stratified_take(qs, 1)[:args.B]
+    by_id = {q.id: q for q in qs}
+    rows = args.B * args.G
+    if rows % args.micro_batch:
+        raise common.flag_error("micro_batch", args.micro_batch, f"must divide B x G = {rows} for TRL's accumulation")
+    data = Dataset.from_list([{"prompt": common.question_prompt(tok, q), "qid": q.id} for q in qs] * 2)
+
+    def reward(prompts, completions, qid, **_):
+        return [common.verify(by_id[i], c)[0] for c, i in zip(completions, qid)]
+
+    class Timer(TrainerCallback):
+        times = []
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t0)
+
+    gen = {"min_new_tokens": args.min_new_tokens} if args.min_new_tokens else None
+    cfg = GRPOConfig(output_dir=str(Path(args.trl_dir)), per_device_train_batch_size=args.micro_batch,
+                     gradient_accumulation_steps=rows // args.micro_batch, num_generations=args.G,
+                     max_completion_length=args.max_new_tokens, temperature=args.temperature,
+                     loss_type="dapo", scale_rewards="none", beta=0.0, num_iterations=1, learning_rate=1e-6,
+                     max_grad_norm=1.0, lr_scheduler_type="constant", optim="adamw_torch", max_steps=2,
+                     use_cpu=args.device == "cpu", bf16=False, report_to=[], save_strategy="no", logging_steps=1,
+                     shuffle_dataset=False, seed=args.seed, generation_kwargs=gen)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
+                          callbacks=[Timer()])
+    trainer.train()
+    dev = next(model.parameters()).device
+    return {"rollouts": float("nan"), "teacher_forward": 0.0, "student_fwd_bwd": float("nan"), "memory_update": 0.0,
+            "total": Timer.times[-1], "first_step": Timer.times[0], "peak_mb": common.peak_memory_mb(dev),
+            "rows": rows, "trained_rows": rows, "tokens": "-"}
 
 
 def main():
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
                                data=str(ROOT / "data" / "procedural.jsonl"))
     p.add_argument("--methods", default="grpo,sdpo,pmd")
-    p.add_argument("--method", default=None, help=argparse.SUPPRESS)      # the subprocess's one step
+    p.add_argument("--method", default=None, help=argparse.SUPPRESS)      # the subprocess's one step (or TRL's)
     p.add_argument("--B", type=int, default=2)
     p.add_argument("--G", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--min-new-tokens", type=int, default=0, help="force this many tokens (fixed shapes)")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="force this many tokens (fixed shapes; also drops the stop string)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed one (TRL's: always 1)")
+    p.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer (needs trl, see --trl-python)")
+    p.add_argument("--trl-python", default=sys.executable, help="the interpreter that has trl installed")
+    p.add_argument("--trl-dir", default="/tmp/bench_trl", help=argparse.SUPPRESS)
     args = p.parse_args()
     common.check_common_args(args)
     common.check_at_least(args, ["B", "G", "max_new_tokens", "micro_batch", "repeats"])
-    common.check_at_least(args, ["min_new_tokens"], 0)
+    common.check_at_least(args, ["min_new_tokens", "warmup"], 0)
     common.check_positive(args, ["temperature"])
     bad = [m for m in args.methods.split(",") if m not in pmd.METHODS]
     if bad:
@@ -127,13 +200,14 @@ def main():
     common.load_questions(args.data)
     if args.method:
         common.seed_everything(args.seed)
-        print(json.dumps(one_step(args)))
+        print(json.dumps(one_step_trl(args) if args.method == TRL else one_step(args)))
         return
     rows = []
-    for m in args.methods.split(","):
+    for m in args.methods.split(",") + ([TRL] if args.trl else []):
         runs = []
         for r in range(args.repeats):
-            cmd = [sys.executable, __file__, "--method", m] + [a for a in sys.argv[1:]]
+            py = args.trl_python if m == TRL else sys.executable
+            cmd = [py, __file__, "--method", m] + [a for a in sys.argv[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(out.stderr[-2000:])
@@ -150,6 +224,13 @@ def main():
             v = np.array([x[k] for x in runs])
             cells.append(f"{np.median(v):.2f} [{v.min():.2f}, {v.max():.2f}]" if k != "peak_mb" else f"{np.median(v):.0f}")
         print(f"| {m} | " + " | ".join(cells) + f" | {runs[0]['trained_rows']} / {runs[0]['tokens']} |")
+    done = dict(rows)
+    if TRL in done and "grpo" in done:   # repeat r of ours against repeat r of TRL's
+        t = np.array([a["total"] / b["total"] for a, b in zip(done["grpo"], done[TRL])])
+        mem = np.array([a["peak_mb"] / b["peak_mb"] for a, b in zip(done["grpo"], done[TRL])])
+        print(f"\ngrpo / TRL GRPOTrainer step time: {np.median(t):.2f}x [{t.min():.2f}, {t.max():.2f}] (goal <= 0.5x); "
+              f"peak RSS: {np.median(mem):.2f}x [{mem.min():.2f}, {mem.max():.2f}] (goal <= 1x); "
+              f"TRL's first (warm-up) step: {np.median([x['first_step'] for x in done[TRL]]):.1f} s")
 
 
 if __name__ == "__main__":

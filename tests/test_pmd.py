@@ -175,6 +175,22 @@ def test_pass_at_k_matches_brute_force_enumeration(n, c):
         pmd.pass_at_k(n, c, n + 1)
 
 
+def test_summary_intervals_stay_inside_what_the_figures_can_take():
+    """At n=7 questions a t interval over 0/1 pass@n values reached -0.21; pass@n is 0/1 per
+    question (Wilson, equal to coverage) and every other figure is cut to its range."""
+    per_q = [{"rewards": r, "greedy": 0, "majority": 0, "distinct": d} for r, d in
+             [([1, 0, 0, 0], 2), ([0] * 4, 1), ([0] * 4, 1), ([0] * 4, 3), ([0] * 4, 1), ([0] * 4, 1), ([0] * 4, 1)]]
+    s = pmd.summarise(per_q, seed=0)
+    assert s["pass_at_k"]["4"] == s["coverage"]
+    assert (s["coverage"]["lo"], s["coverage"]["hi"]) == pytest.approx(common.wilson(1, 7))   # lo 0.03, not -0.21
+    for name in ("headroom", "distinct"):
+        assert s[name]["lo"] >= 0
+    for k in ("1", "2"):
+        raw = common.mean_ci([pmd.pass_at_k(4, int(sum(p["rewards"])), int(k)) for p in per_q], binary=False)
+        assert raw["lo"] < 0 and s["pass_at_k"][k]["lo"] == 0.0 and s["pass_at_k"][k]["hi"] == raw["hi"]
+    assert common.wilson(0, 7)[0] == 0.0 and common.wilson(7, 7)[1] == 1.0
+
+
 def test_pass_ks_are_powers_of_two_then_n():
     assert pmd.pass_ks(8) == [1, 2, 4, 8] and pmd.pass_ks(6) == [1, 2, 4, 6]
 
@@ -404,6 +420,15 @@ def test_compare_one_step_of_each_method_changes_the_weights_and_shares_one_base
         evs.append(json.loads((out / method / "eval.json").read_text()))
     assert evs[0]["base"] == evs[1]["base"] == evs[2]["base"]          # one base, paired rows
     assert all(e["final"]["summary"]["n_questions"] == 4 and "pass_at_k" in e["final"]["summary"] for e in evs)
+    # --resume of the finished comparison keeps every sample and re-derives the summaries from them
+    for method in pmd.METHODS:
+        ev = json.loads((out / method / "eval.json").read_text())
+        ev["final"]["summary"] = {"stale": True}
+        (out / method / "eval.json").write_text(json.dumps(ev))
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("a finished run loaded a model"))
+    run(files, out, monkeypatch, "--compare", "--lr", "1e-3", "--train-per-type", "2", "--B", "4", "--resume")
+    assert [json.loads((out / m / "eval.json").read_text()) for m in pmd.METHODS] == evs
+    assert (out / "report.md").read_text() == report
 
 
 def test_bf16_rollout_copy_is_synced_after_every_update(files, tmp_path, monkeypatch, bf16_rollouts):
