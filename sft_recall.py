@@ -790,7 +790,7 @@ def main():
     p.add_argument("--dev", type=float, default=0.2, help="share of the rest kept out of SFT to tune the threshold")
     p.add_argument("--base-ok", type=float, default=0.75, help="base accuracy at which a question needs no recall")
     p.add_argument("--samples", type=int, default=4, help="selection rollouts per question and arm")
-    p.add_argument("--eval-samples", type=int, default=4, help="evaluation samples per question and arm")
+    p.add_argument("--eval-samples", type=int, default=3, help="evaluation samples per question and arm")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--answer-tokens", type=int, default=16)
     p.add_argument("--recall-tokens", type=int, default=48, help="longest recall body sampled")
