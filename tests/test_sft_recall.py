@@ -225,6 +225,11 @@ def test_run_writes_the_contract_files(tiny_run):
     report = (tiny_run / "report.md").read_text()
     assert "Lessons from: **library**" in report and "## Selection" in report and "G = (c - a)" in report
     assert (tiny_run / "checkpoint" / "model.safetensors").exists()
+    timing = json.loads((tiny_run / "timing.json").read_text())
+    phases = ["selection_s", "base_arms_s", "sft_s", "trained_arms_s", "report_s"]
+    assert list(timing) == phases + ["total_s"] and all(timing[k] >= 0 for k in phases)
+    assert timing["total_s"] == pytest.approx(sum(timing[k] for k in phases), abs=0.3)
+    assert "Wall time this session by phase (all phases: `timing.json`): selection" in report
 
 
 def test_heldout_ids_never_in_sft_data_and_plain_rows_hold_no_recall(tiny_run):
