@@ -272,13 +272,19 @@ def test_lm_head_of_the_rollout_copy_gets_a_contiguous_input(tiny):
     model, tok = tiny
     copy_ = common.rollout_copy(model, "bfloat16")
     seen = []
-    copy_.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    # Dense strides, not just is_contiguous(): a one-prompt prefill's hidden[:, -1:] has shape
+    # (1, 1, H) and strides (L*H, H, 1), which is_contiguous() accepts and bf16 matmul punishes.
+    copy_.get_output_embeddings().register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].stride() == torch.empty(a[0].shape).stride()))
     ids = torch.randint(3, len(tok), (3, 7))
     with torch.no_grad():
+        one = copy_(input_ids=ids[:1], logits_to_keep=1).logits
         got = copy_(input_ids=ids, logits_to_keep=1).logits
+    torch.testing.assert_close(one, got[:1])
+    with torch.no_grad():
         h = copy_.model(input_ids=ids).last_hidden_state[:, -1:].contiguous()
         want = copy_.get_output_embeddings().weight @ h[:, 0].T
-    assert seen and all(seen)
+    assert len(seen) == 2 and all(seen)
     torch.testing.assert_close(got[:, 0].float(), want.T.float() if not copy_.config.final_logit_softcapping
                                else torch.tanh(want.T.float() / copy_.config.final_logit_softcapping)
                                * copy_.config.final_logit_softcapping, atol=0.1, rtol=0.05)
