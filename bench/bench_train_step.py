@@ -22,6 +22,10 @@ another environment and point `--trl-python` at that interpreter, e.g.
     python bench/bench_train_step.py --model gemma --methods grpo --trl --trl-python /tmp/trl/bin/python \
         --min-new-tokens 16
 
+Ours samples from common.rollout_copy, as pmd_distill.py does: the bf16 copy where bf16 is fast,
+refreshed after the step (its sync counts as rollout time). TRL generates with the fp32 model
+itself, so `--rollout-dtype float32` is the like-for-like comparison.
+
 With --min-new-tokens equal to --max-new-tokens every completion has the same length in both,
 so both train the same number of tokens (TRL's generation has no stop string; ours drops its stop
 string when --min-new-tokens is set).
@@ -49,6 +53,7 @@ def one_step(args) -> dict:
     model, tok = common.load_model(args.model, args.device, args.dtype)
     qs = [q for q in common.load_questions(args.data) if not q.meta.get("negative_control")]
     qs = pmd.stratified_take(qs, 1)[:args.B]
+    sampler = common.rollout_copy(model, args.rollout_dtype)   # as pmd_distill.py: bf16 where fast
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
     teacher = None
@@ -61,7 +66,7 @@ def one_step(args) -> dict:
 
     def rollouts(seed):
         seeds = [common.row_seed(seed, b, j) for b in range(len(qs)) for j in range(G)]
-        roll = common.sample(model, tok, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=T,
+        roll = common.sample(sampler, tok, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=T,
                              stop=None if args.min_new_tokens else pmd.ANSWER_STOP, row_seeds=seeds,
                              min_new_tokens=args.min_new_tokens)
         ver = [common.verify(qs[i // G], s.text) for i, s in enumerate(roll)]
@@ -111,6 +116,7 @@ def one_step(args) -> dict:
         if teacher is not None:
             pmd.ema_update(teacher, model, 0.05)
         t["student_fwd_bwd"] = time.perf_counter() - t1 - t["teacher_forward"]
+        t["rollouts"] += common.sync_rollout(sampler, model)    # refreshing the bf16 copy: rollout cost
         t2 = time.perf_counter()
         if args.method == "pmd":
             for i, s in enumerate(roll):
