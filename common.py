@@ -143,10 +143,14 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     return torch.float32
 
 
-def load_model(name: str = "gemma", device: str | None = None, dtype: str | None = None):
+def load_model(name: str = "gemma", device: str | None = None, dtype: str | None = None,
+               activation_checkpointing: bool = False):
     """(model, tokenizer) in eval mode. "gemma" is the embedded offline Gemma 3 270M (base model);
     anything else is a local HF folder or a hub id. fp32 on every device unless dtype says otherwise;
-    sample from rollout_copy(model) to get bf16 rollouts where bf16 is fast."""
+    sample from rollout_copy(model) to get bf16 rollouts where bf16 is fast. The lean backward of
+    "training memory" below is set up here: a tied embedding's lookup gradient is sparse, and with
+    activation_checkpointing (--activation-checkpointing) every decoder layer recomputes its
+    activations in the backward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = gemma_dir() if name == "gemma" else os.path.expanduser(name)
     dev = pick_device(device)
@@ -164,6 +168,9 @@ def load_model(name: str = "gemma", device: str | None = None, dtype: str | None
     model.to(dev).eval()
     contiguous_head(model)
     check_lm_head(model)     # ~0.1 s: training log-probs must equal the model's own
+    sparse_tied_embedding_grad(model)
+    if activation_checkpointing:
+        checkpoint_layers(model)
     return model, tok
 
 
@@ -177,6 +184,66 @@ def eos_ids(model, tok) -> set[int]:
     elif extra:
         ids.update(extra)
     return ids
+
+
+# ----------------------------------------------------------------------------
+# training memory
+#
+# Where a training step's memory goes, on the embedded Gemma in fp32 (bench/RESULTS.md, "Training
+# memory"): weights, gradients and AdamW's two moments are 4 x 1.07 GB. On top of that, the
+# backward of each micro-batch held two dense 262,144 x 640 gradients of the tied embedding at once
+# (one from the LM head, one from the input lookup: 0.65 GB saved by making the second sparse),
+# and the decoder's saved activations (0.9 GB saved by recomputing them, at some time cost).
+
+
+def _densify_grad(p: torch.Tensor) -> None:
+    if p.grad is not None and p.grad.is_sparse:
+        p.grad = p.grad.to_dense()
+
+
+def sparse_tied_embedding_grad(model) -> bool:
+    """When the input embedding is the LM head's weight (tied), make the lookup's gradient sparse:
+    only the rows of the tokens in the batch. A dense lookup's backward allocates a zero (V, H)
+    tensor and adds the used rows into it, while the head's own dense (V, H) gradient waits to be
+    summed with it; a sparse one is added into the head's gradient in place. The sum is dense
+    whenever the head contributes, so clipping and AdamW see an ordinary dense gradient; a hook
+    densifies it in the one case the head does not (a backward through the lookup alone).
+    Untied models keep the dense lookup: AdamW takes no sparse gradient. Returns whether it is on."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(emb, torch.nn.Embedding) or head is None or emb.weight is not head.weight:
+        return False
+    if not emb.sparse:
+        emb.sparse = True
+        emb.weight.register_post_accumulate_grad_hook(_densify_grad)
+    return True
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    # bound to each decoder layer with types.MethodType, so that copy.deepcopy (rollout copies,
+    # EMA teachers) rebinds it to the copied layer rather than running the original's weights
+    forward = type(self).forward
+    if torch.is_grad_enabled():
+        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    return forward(self, *args, **kwargs)
+
+
+def checkpoint_layers(model) -> int:
+    """Activation checkpointing per decoder layer: with grad enabled, each layer keeps only its
+    inputs and recomputes its activations during the backward; under no_grad (sampling, teachers)
+    it runs as it is. HF's gradient_checkpointing_enable() checkpoints only in train mode, which
+    would also switch dropout on, and training log-probs must be those of the (eval-mode) sampling
+    policy; this works in eval mode. Returns the number of layers wrapped."""
+    import types
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, GradientCheckpointingLayer):
+            mod.forward = types.MethodType(_checkpointed_forward, mod)
+            n += 1
+    if not n:
+        raise UserError(f"--activation-checkpointing: {type(model).__name__} has no decoder layers that "
+                        "transformers marks as checkpointable")
+    return n
 
 
 # ----------------------------------------------------------------------------
@@ -1299,6 +1366,9 @@ def add_common_args(p: argparse.ArgumentParser, data: str | None = None) -> argp
                    help="dtype of the copy rollouts are sampled from: auto (default: bfloat16 on CUDA "
                         "and on CPUs with native bf16, else the weights' dtype) | float32 | bfloat16")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="training stages: recompute each decoder layer's activations in the backward "
+                        "(less memory, a slower step)")
     return p
 
 

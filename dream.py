@@ -541,7 +541,7 @@ def main():
           f"+ {len(perms)} permuted + {len(fresh)} fresh = {len(X_prime)} x', {len(dev_q)} dev, {len(eval_q)} eval; "
           f"canary {len(canary_q)}, replay {len(replay_q)}")
 
-    model, tok = common.load_model(args.model, args.device, args.dtype)
+    model, tok = common.load_model(args.model, args.device, args.dtype, args.activation_checkpointing)
     device = next(model.parameters()).device
     sampler = common.rollout_copy(model, args.rollout_dtype)   # bf16 copy where bf16 is fast, else model itself
     print(f"weights in {next(model.parameters()).dtype}, rollouts in {next(sampler.parameters()).dtype}")

@@ -244,7 +244,7 @@ def main():
     library = common.load_bank(library_path, "introspection-library")
 
     ckpt = common.find_checkpoint(out) if args.resume else None
-    model, tok = common.load_model(str(ckpt) if ckpt else args.model, args.device, args.dtype)
+    model, tok = common.load_model(str(ckpt) if ckpt else args.model, args.device, args.dtype, args.activation_checkpointing)
     device = next(model.parameters()).device
     params = [p_ for p_ in model.parameters() if p_.requires_grad]
     opt = (torch.optim.SGD(params, lr=args.lr, momentum=0.0) if args.optimizer == "sgd"

@@ -644,7 +644,7 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
         return result
     ckpt = common.find_checkpoint(out) if args.resume else None     # survives a kill mid-save
     resuming = ckpt is not None
-    model, tok = common.load_model(str(ckpt) if resuming else args.model, args.device, args.dtype)
+    model, tok = common.load_model(str(ckpt) if resuming else args.model, args.device, args.dtype, args.activation_checkpointing)
     device = next(model.parameters()).device
     sampler = common.rollout_copy(model, args.rollout_dtype)   # bf16 copy where bf16 is fast, else model itself
     log(f"weights in {next(model.parameters()).dtype}, rollouts in {next(sampler.parameters()).dtype}")

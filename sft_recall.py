@@ -504,7 +504,7 @@ def run_placebo(args, out, examples, rstar, dev, labels, heldout, by_id, base_mo
     pdir = out / "placebo"
     pdir.mkdir(exist_ok=True)
     if args.resume and (pdir / "checkpoint").exists():
-        model, tok = common.load_model(str(pdir / "checkpoint"), args.device, args.dtype)
+        model, tok = common.load_model(str(pdir / "checkpoint"), args.device, args.dtype, args.activation_checkpointing)
     else:
         model, tok = base_model()
     pex = [make_example(tok, by_id[e["question_id"]], mapping[e["type"]], e["answer"], args, e["answer_source"])
@@ -863,7 +863,7 @@ def main():
     def base_model():
         nonlocal model, tok
         if model is None:
-            model, tok = common.load_model(args.model, args.device, args.dtype)
+            model, tok = common.load_model(args.model, args.device, args.dtype, args.activation_checkpointing)
         return model, tok
 
     # ---- 1-2. selection and the SFT data (written once; reused by --resume)
@@ -904,7 +904,7 @@ def main():
 
     # ---- 3. SFT
     if args.resume and ckpt.exists():
-        model, tok = common.load_model(str(ckpt), args.device, args.dtype)
+        model, tok = common.load_model(str(ckpt), args.device, args.dtype, args.activation_checkpointing)
     else:
         base_model()
     set_trainable(model, args)

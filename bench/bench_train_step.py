@@ -22,6 +22,11 @@ another environment and point `--trl-python` at that interpreter, e.g.
     python bench/bench_train_step.py --model gemma --methods grpo --trl --trl-python /tmp/trl/bin/python \
         --min-new-tokens 16
 
+Memory: ours always takes the sparse lookup gradient of a tied embedding (common.py, "training
+memory"); TRL gets the model as HF ships it. `--activation-checkpointing` turns on per-layer
+recomputation on both sides (TRL's GRPOConfig has it on by default; here it follows the flag), so
+run the comparison with and without it.
+
 Ours samples from common.rollout_copy, as pmd_distill.py does: the bf16 copy where bf16 is fast,
 refreshed after the step (its sync counts as rollout time). TRL generates with the fp32 model
 itself, so `--rollout-dtype float32` is the like-for-like comparison.
@@ -50,7 +55,7 @@ TRL = "trl-grpo"
 
 
 def one_step(args) -> dict:
-    model, tok = common.load_model(args.model, args.device, args.dtype)
+    model, tok = common.load_model(args.model, args.device, args.dtype, args.activation_checkpointing)
     qs = [q for q in common.load_questions(args.data) if not q.meta.get("negative_control")]
     qs = pmd.stratified_take(qs, 1)[:args.B]
     sampler = common.rollout_copy(model, args.rollout_dtype)   # as pmd_distill.py: bf16 where fast
@@ -142,6 +147,7 @@ def one_step_trl(args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     model, tok = common.load_model(args.model, args.device, args.dtype)
+    model.get_input_embeddings().sparse = False    # as HF ships it: TRL gets none of our memory savings
     qs = [q for q in common.load_questions(args.data) if not q.meta.get("negative_control")]
     qs = pmd.stratified_take(qs, 1)[:args.B]
     by_id = {q.id: q for q in qs}
@@ -169,7 +175,8 @@ def one_step_trl(args) -> dict:
                      loss_type="dapo", scale_rewards="none", beta=0.0, num_iterations=1, learning_rate=1e-6,
                      max_grad_norm=1.0, lr_scheduler_type="constant", optim="adamw_torch", max_steps=2,
                      use_cpu=args.device == "cpu", bf16=False, report_to=[], save_strategy="no", logging_steps=1,
-                     shuffle_dataset=False, seed=args.seed, generation_kwargs=gen)
+                     shuffle_dataset=False, seed=args.seed, generation_kwargs=gen,
+                     gradient_checkpointing=args.activation_checkpointing)   # TRL's default is on
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
                           callbacks=[Timer()])
     trainer.train()
