@@ -149,8 +149,8 @@ def load_model(name: str = "gemma", device: str | None = None, dtype: str | None
     anything else is a local HF folder or a hub id. fp32 on every device unless dtype says otherwise;
     sample from rollout_copy(model) to get bf16 rollouts where bf16 is fast. The lean backward of
     "training memory" below is set up here: a tied embedding's lookup gradient is sparse, and with
-    activation_checkpointing (--activation-checkpointing) every decoder layer recomputes its
-    activations in the backward."""
+    activation_checkpointing (stages pass --activation-checkpointing, on by default) every decoder
+    layer recomputes its activations in the backward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = gemma_dir() if name == "gemma" else os.path.expanduser(name)
     dev = pick_device(device)
@@ -1366,9 +1366,10 @@ def add_common_args(p: argparse.ArgumentParser, data: str | None = None) -> argp
                    help="dtype of the copy rollouts are sampled from: auto (default: bfloat16 on CUDA "
                         "and on CPUs with native bf16, else the weights' dtype) | float32 | bfloat16")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="training stages: recompute each decoder layer's activations in the backward "
-                        "(less memory, a slower step)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="training stages: recompute each decoder layer's activations in the backward, "
+                        "keeping only its inputs (default on: the same gradients, ~0.9 GB less at the "
+                        "grpo step's peak for ~1.5%% more time on the embedded Gemma; bench/RESULTS.md)")
     return p
 
 
@@ -1453,7 +1454,7 @@ def command_line() -> str:
 
 
 # Flags a resumed run may change: how long it runs, and where (not what it computes).
-RESUME_MAY_DIFFER = ("steps", "epochs", "resume", "device")
+RESUME_MAY_DIFFER = ("steps", "epochs", "resume", "device", "activation_checkpointing")   # none changes a number
 
 
 def setup_run(args, stage: str, may_differ=RESUME_MAY_DIFFER) -> Path:

@@ -23,9 +23,9 @@ another environment and point `--trl-python` at that interpreter, e.g.
         --min-new-tokens 16
 
 Memory: ours always takes the sparse lookup gradient of a tied embedding (common.py, "training
-memory"); TRL gets the model as HF ships it. `--activation-checkpointing` turns on per-layer
-recomputation on both sides (TRL's GRPOConfig has it on by default; here it follows the flag), so
-run the comparison with and without it.
+memory"); TRL gets the model as HF ships it. Per-layer activation checkpointing is on for both
+sides by default (ours: --activation-checkpointing; TRL's GRPOConfig: gradient_checkpointing, its
+default too), and `--no-activation-checkpointing` turns it off for both.
 
 Ours samples from common.rollout_copy, as pmd_distill.py does: the bf16 copy where bf16 is fast,
 refreshed after the step (its sync counts as rollout time). TRL generates with the fp32 model
@@ -176,7 +176,7 @@ def one_step_trl(args) -> dict:
                      max_grad_norm=1.0, lr_scheduler_type="constant", optim="adamw_torch", max_steps=2,
                      use_cpu=args.device == "cpu", bf16=False, report_to=[], save_strategy="no", logging_steps=1,
                      shuffle_dataset=False, seed=args.seed, generation_kwargs=gen,
-                     gradient_checkpointing=args.activation_checkpointing)   # TRL's default is on
+                     gradient_checkpointing=args.activation_checkpointing)   # on: TRL's default too
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
                           callbacks=[Timer()])
     trainer.train()

@@ -35,7 +35,8 @@ def assert_same_grads(a: dict, b: dict, rtol: float = 1e-5):
     for n in a:
         assert not a[n].is_sparse and not b[n].is_sparse, n
         scale = float(a[n].abs().max()) + 1e-12
-        assert float((a[n] - b[n]).abs().max()) <= rtol * scale, n
+        diff = float((a[n] - b[n]).abs().max())
+        assert diff <= rtol * scale, (n, diff, scale)
 
 
 def test_sparse_lookup_gradient_of_a_tied_embedding_equals_the_dense_one(tiny_tok):
@@ -46,11 +47,11 @@ def test_sparse_lookup_gradient_of_a_tied_embedding_equals_the_dense_one(tiny_to
     assert not dense.get_input_embeddings().sparse
     la, ga = loss_and_grads(dense, tiny_tok)
     lb, gb = loss_and_grads(sparse, tiny_tok)
-    assert la == lb
+    assert la == lb, (la, lb)
     assert_same_grads(ga, gb)
     # the rows no token touched get the head's gradient only, and those rows are not zero
     emb = gb["model.embed_tokens.weight"]
-    assert emb.abs().sum(1).gt(0).all()
+    assert emb.abs().sum(1).gt(0).all(), emb.abs().sum(1).eq(0).nonzero().flatten().tolist()
     torch.optim.AdamW(sparse.parameters(), lr=1e-3).step()      # AdamW takes it (no sparse grads)
 
 
@@ -121,8 +122,8 @@ def test_a_deep_copy_of_a_checkpointed_model_runs_its_own_weights(tiny_tok):
 
 
 def test_the_flag_reaches_a_stage_and_changes_no_number(tiny_tok, tmp_path, monkeypatch):
-    """grpo_introspect.py on the tiny model with and without --activation-checkpointing: the same
-    losses, gradient norms and samples, step for step."""
+    """grpo_introspect.py on the tiny model with --activation-checkpointing (the default) and
+    --no-activation-checkpointing: the same losses, gradient norms and rewards, step for step."""
     import grpo_introspect as g
     model_dir = save_tiny_model(tmp_path / "model", tiny_tok)
     rows = [{"id": f"{c}{i}", "cluster": c, "subtype": "s", "question": f"{c} question {i}?",
@@ -132,16 +133,17 @@ def test_the_flag_reaches_a_stage_and_changes_no_number(tiny_tok, tmp_path, monk
     real_ckpt = common.checkpoint_layers
     monkeypatch.setattr(common, "checkpoint_layers", lambda m: wrapped.append(m) or real_ckpt(m))
     metrics = {}
-    for flag in ([], ["--activation-checkpointing"]):
-        out = tmp_path / f"run{len(flag)}"
+    for flag in (["--no-activation-checkpointing"], ["--activation-checkpointing"]):
+        out = tmp_path / flag[0].strip("-")
         monkeypatch.setattr(sys, "argv", ["grpo_introspect.py", "--model", str(model_dir), "--data", str(tmp_path / "q.jsonl"),
                                           "--out", str(out), "--steps", "2", "--N", "2", "--M", "1", "--lr", "1e-2",
                                           "--max-new-tokens", "6", "--answer-tokens", "3", "--matrix-M", "0",
                                           "--rollout-dtype", "float32", *flag])
         g.main()
         steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-        metrics[len(flag)] = [{k: v for k, v in m.items() if k in ("step", "loss", "grad_norm", "reward_mean",
+        metrics[flag[0]] = [{k: v for k, v in m.items() if k in ("step", "loss", "grad_norm", "reward_mean",
                                                                      "weight_change")} for m in steps]
     assert len(wrapped) == 1
-    assert any("grad_norm" in m for m in metrics[0])
-    assert metrics[0] == metrics[1]
+    off, on = metrics["--no-activation-checkpointing"], metrics["--activation-checkpointing"]
+    assert any("grad_norm" in m for m in off)
+    assert off == on
