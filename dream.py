@@ -281,30 +281,10 @@ def group_advantages(R: np.ndarray):
     return R - R.mean(axis=1, keepdims=True), R.std(axis=1) > 1e-12
 
 
-def pg_loss(logprobs: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-    """-sum_i A_i * sum_t log pi(y_it | x') over every completion token / number of those tokens.
-    logprobs, mask (B, T); adv (B,)."""
-    mask = mask.float()
-    return -(adv[:, None] * logprobs * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def topk_tail_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, mask: torch.Tensor, direction: str) -> torch.Tensor:
-    """Per-token KL between teacher and student, over the teacher's top-k token ids plus one tail
-    bucket holding the rest of each distribution's mass (a top-k KL renormalised without a tail is
-    biased), averaged over the active tokens.
-        direction "forward": KL(teacher || student) = sum_i p_T,i (log p_T,i - log p_S,i)
-                             (GKD's naming; mass-covering, what SFT on teacher samples estimates)
-        direction "reverse": KL(student || teacher) = sum_i p_S,i (log p_S,i - log p_T,i)
-                             (on-policy context distillation, OPCD; mode-seeking)
-    t_lp, s_lp (B, T, k): log-probs at the same ids; mask (B, T). Differentiable in s_lp: it must
-    be a loss term; detached and used as an advantage its expected gradient is zero."""
-    def with_tail(lp):
-        tail = torch.log1p(-lp.exp().sum(-1).clamp(max=1 - 1e-6))             # (B, T)
-        return torch.cat([lp, tail[..., None]], dim=-1)                        # (B, T, k+1)
-    P, Q = with_tail(t_lp.detach()), with_tail(s_lp)
-    kl = (P.exp() * (P - Q)).sum(-1) if direction == "forward" else (Q.exp() * (Q - P)).sum(-1)   # (B, T)
-    m = mask.float()
-    return (kl * m).sum() / m.sum().clamp_min(1.0)
+pg_loss = common.pg_loss      # -sum_i A_i sum_t log pi(y_it | x') over every completion token / their number
+# --cd-direction in GKD's naming, as common.distill_loss's alpha: forward = KL(teacher || student)
+# (mass-covering, what SFT on teacher samples estimates), reverse = KL(student || teacher) (OPCD)
+CD_ALPHA = {"forward": 0.0, "reverse": 1.0}
 
 
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -429,7 +409,7 @@ def restore(model, state: dict, rollout=None) -> None:
 
 
 def main():
-    p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
+    p = common.add_common_args(common.ArgumentParser(description=__doc__.split("\n\n")[0]),
                                data="data/procedural.jsonl")
     p.add_argument("--lesson", default=None, help="the lesson r to dream (default: the type's lesson in --data)")
     p.add_argument("--cluster", default=None, help="the type the lesson is for")
@@ -441,54 +421,41 @@ def main():
                    help="dream: GRPO on the student (the paper); distill: off-policy context distillation (Snell et al.)")
     p.add_argument("--reward", choices=["teacher", "majority", "verifier"], default="teacher",
                    help="teacher: p_T(answer); majority: 1[answer = teacher majority]; verifier: labelled upper bound")
-    p.add_argument("--min-agreement", type=float, default=0.0,
+    p.add_argument("--min-agreement", type=common.unit_interval, default=0.0,
                    help="skip dream inputs whose teacher majority holds less than this share of its samples")
-    p.add_argument("--dev-questions", type=int, default=4, help="real questions of the type for the gate and checkpoint selection")
-    p.add_argument("--eval-questions", type=int, default=8, help="real held-out questions of the type for the measurement")
-    p.add_argument("--permutations", type=int, default=1, help="option-permuted copies of each dream question")
-    p.add_argument("--fresh", type=int, default=8, help="fresh make_procedural.py instances (procedural families only)")
-    p.add_argument("--teacher-samples", type=int, default=4, help="k samples of x' + r from the teacher per dream input")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--batch-inputs", type=int, default=2, help="dream inputs x' per step")
-    p.add_argument("--N", type=int, default=6, help="student rollouts per x' (GRPO group size)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--answer-tokens", type=int, default=8, help="longest answer sampled")
+    p.add_argument("--dev-questions", type=common.at_least(1), default=4, help="real questions of the type for the gate and checkpoint selection")
+    p.add_argument("--eval-questions", type=common.at_least(1), default=8, help="real held-out questions of the type for the measurement")
+    p.add_argument("--permutations", type=common.at_least(0), default=1, help="option-permuted copies of each dream question")
+    p.add_argument("--fresh", type=common.at_least(0), default=8, help="fresh make_procedural.py instances (procedural families only)")
+    p.add_argument("--teacher-samples", type=common.at_least(1), default=4, help="k samples of x' + r from the teacher per dream input")
+    p.add_argument("--steps", type=common.at_least(1), default=4)
+    p.add_argument("--batch-inputs", type=common.at_least(1), default=2, help="dream inputs x' per step")
+    p.add_argument("--N", type=common.at_least(2), default=6, help="student rollouts per x' (GRPO group size)")
+    p.add_argument("--temperature", type=common.positive, default=0.7)
+    p.add_argument("--answer-tokens", type=common.at_least(1), default=8, help="longest answer sampled")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
-    p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--cd-coef", type=float, default=0.0, help="weight of the context-distillation KL term (0: off)")
-    p.add_argument("--cd-top-k", type=int, default=16, help="teacher top-k ids in that KL (plus a tail bucket)")
+    p.add_argument("--lr", type=common.positive, default=1e-6)
+    p.add_argument("--clip", type=common.positive, default=1.0)
+    p.add_argument("--cd-coef", type=common.non_negative, default=0.0, help="weight of the context-distillation KL term (0: off)")
+    p.add_argument("--cd-top-k", type=common.at_least(1), default=16, help="teacher top-k ids in that KL (plus a tail bucket)")
     p.add_argument("--cd-direction", choices=["forward", "reverse"], default="reverse",
                    help="forward: KL(teacher||student); reverse: KL(student||teacher)")
-    p.add_argument("--kl", type=float, default=0.0, help="weight of KL(pre-dream || student) on replay questions (0: off)")
-    p.add_argument("--replay-questions", type=int, default=4, help="questions of other types for the KL to pre-dream weights")
-    p.add_argument("--canary-questions", type=int, default=6)
-    p.add_argument("--canary-samples", type=int, default=3)
-    p.add_argument("--canary-every", type=int, default=4, help="canary, dev and KL check every this many steps")
+    p.add_argument("--kl", type=common.non_negative, default=0.0, help="weight of KL(pre-dream || student) on replay questions (0: off)")
+    p.add_argument("--replay-questions", type=common.at_least(0), default=4, help="questions of other types for the KL to pre-dream weights")
+    p.add_argument("--canary-questions", type=common.at_least(0), default=6)
+    p.add_argument("--canary-samples", type=common.at_least(0), default=3)
+    p.add_argument("--canary-every", type=common.at_least(1), default=4, help="canary, dev and KL check every this many steps")
     p.add_argument("--rollback", action="store_true", help="on a canary below its starting interval, restore the last good weights and stop")
-    p.add_argument("--gate-samples", type=int, default=8, help="samples per dev question and arm in the gate")
-    p.add_argument("--dev-samples", type=int, default=4, help="samples per dev question at each check")
-    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out question and arm")
-    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--gate-samples", type=common.at_least(1), default=8, help="samples per dev question and arm in the gate")
+    p.add_argument("--dev-samples", type=common.at_least(1), default=4, help="samples per dev question at each check")
+    p.add_argument("--eval-samples", type=common.at_least(1), default=4, help="samples per held-out question and arm")
+    p.add_argument("--bootstrap", type=common.at_least(1), default=2000)
     p.add_argument("--force", action="store_true", help="dream even when the gate finds no context effect")
     p.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the placebo lesson and the other method with the same budget")
     args = p.parse_args()
 
-    # ---- every flag checked before anything is loaded or written
-    common.check_common_args(args)
-    common.check_at_least(args, ["dev_questions", "eval_questions", "teacher_samples", "steps", "batch_inputs",
-                                 "canary_every", "gate_samples", "dev_samples", "eval_samples", "bootstrap",
-                                 "answer_tokens", "cd_top_k"], 1)
-    common.check_at_least(args, ["N"], 2)                          # a group of one has no variance
-    common.check_at_least(args, ["permutations", "fresh", "replay_questions", "canary_questions", "canary_samples"], 0)
-    common.check_positive(args, ["lr", "clip", "temperature"])
-    for name in ("cd_coef", "kl"):
-        v = getattr(args, name)
-        if not (math.isfinite(v) and v >= 0):
-            raise common.flag_error(name, v, "must be 0 or more")
-    if not 0 <= args.min_agreement <= 1:
-        raise common.flag_error("min_agreement", args.min_agreement, "must be in [0, 1]")
+    # ---- every input checked before anything is loaded or written (flag ranges: their argparse types)
     if args.resume:
         raise common.UserError("--resume: dream.py does not resume (a run is short); start again with a new --out")
     check_model_arg(args.model)
@@ -606,7 +573,7 @@ def main():
         r_ids, r_comp, t_lp, t_ids, m = replay
         s = common.token_logprobs(model, r_ids, r_comp, temperature=args.temperature, extra_ids=t_ids,
                                   pad_id=tok.pad_token_id)
-        return topk_tail_kl(t_lp, s["extra_logprobs"], m, "forward")
+        return common.distill_loss(s["extra_logprobs"], t_lp, m, CD_ALPHA["forward"])
 
     can0 = canary()
     dev0 = dev_check()
@@ -650,7 +617,8 @@ def main():
             for p_ in teacher.parameters():
                 p_.requires_grad_(False)
         params = [p_ for p_ in model.parameters() if p_.requires_grad]
-        opt = (torch.optim.SGD(params, lr=args.lr) if args.optimizer == "sgd" else torch.optim.AdamW(params, lr=args.lr))
+        opt = common.make_optimizer(params, args.optimizer, args.lr)
+        policy = common.Policy(model, sampler, tok, params, opt)
         check = {"method": name, "step": 0, "check": True, "canary": can0_ci,
                  "dev_agreement": arm_ci(dev0, B, 0), "kl_replay": kl0, "canary_ok": True}
         common.append_jsonl(metrics_path, check)
@@ -717,7 +685,7 @@ def main():
                                                                       lp["mask"])
                     rec["pg_loss"] = float(loss.detach())
                     if t_ids is not None:
-                        cd = topk_tail_kl(t_lp, lp["extra_logprobs"], lp["mask"], args.cd_direction)
+                        cd = common.distill_loss(lp["extra_logprobs"], t_lp, lp["mask"], CD_ALPHA[args.cd_direction])
                         rec["cd_kl"] = float(cd.detach())
                         loss = loss + args.cd_coef * cd
                 else:
@@ -730,13 +698,11 @@ def main():
             rec.update(loss=None if loss is None else float(loss.detach()), grad_norm=None, updated=False)
             if loss is not None and torch.isfinite(loss):
                 loss.backward()
-                rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
-                opt.step()
-                rec["updated"] = True
-                rec["rollout_sync_s"] = common.sync_rollout(sampler, model)
+                stepped = common.optimizer_step(policy, args.clip)
+                rec.update({k: v for k, v in stepped.items() if v is not None}, updated=stepped["skipped"] is None)
             elif loss is not None:
                 rec["skipped"] = f"non-finite loss {float(loss)}"
-            opt.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
             rec["step_time"] = time.time() - t0
             rec["peak_memory_mb"] = common.peak_memory_mb(device)
             common.append_jsonl(metrics_path, rec)
@@ -884,7 +850,7 @@ def write_report(out, args, lesson, source, kind, placebo, gate, before, results
               "weights: nothing was internalised that dev could see.", "",
               "Per-step numbers (reward mean and std, skipped groups, teacher majority ratio, label and reward "
               "accuracy, grad norm, KL to the pre-dream model, canary): metrics.jsonl."]
-    common.atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    common.write_report(out, lines)
 
 
 if __name__ == "__main__":

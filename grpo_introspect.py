@@ -81,9 +81,9 @@ def introspection_span(text: str) -> tuple[int, int] | None:
     return None if start < 0 else (start, close + len(CLOSE))
 
 
-def extract_introspection(tok, s: common.Sample) -> str | None:
-    """The lesson of a rollout: the text inside its closed introspection, or None."""
-    text = tok.decode(s.token_ids, skip_special_tokens=True)
+def extract_introspection(tok, ids: list[int]) -> str | None:
+    """The lesson of a rollout (its completion ids): the text inside its closed introspection, or None."""
+    text = tok.decode(ids, skip_special_tokens=True)
     span = introspection_span(text)
     if span is None:
         return None
@@ -144,11 +144,7 @@ def pooled_advantage(advs: list[dict]) -> dict:
     return common.cluster_bootstrap_ci([D[:, j] for j in range(D.shape[1])], seed=0)
 
 
-def pg_loss(logprobs: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-    """-sum_i A_i * sum_t log pi(y_it) over masked (introspection) tokens / number of those tokens.
-    logprobs, mask (B, T); adv (B,), already clamped at 0."""
-    mask = mask.float()
-    return -(adv[:, None] * logprobs * mask).sum() / mask.sum().clamp_min(1.0)
+pg_loss = common.pg_loss     # -sum_i A_i sum_t log pi(y_it) / number of trained tokens (token-mean)
 
 
 def canary_alarm(c: dict, c0: dict) -> bool:
@@ -162,23 +158,17 @@ def canary_alarm(c: dict, c0: dict) -> bool:
 
 def score_lessons(model, tok, pairs, M, temperature, seed, stream, key, max_new_tokens, progress=None):
     """pairs: list of (question, [lesson, ...]). For each question, M baseline rows and M rows per
-    lesson, in one sampler call; row j of every arm on a question shares its random numbers, drawn
-    from the stream (seed, stream, *key, question index, j), so no other purpose reuses them.
+    lesson, in one sampler call, paired by common.score's row-seed rule (row j of every arm on a
+    question shares its random numbers, drawn from the stream's own seeds).
     Returns, per pair, (base rewards (M,), [rewards with lesson (M,), ...])."""
-    prompts, seeds = [], []
-    for qi, (q, lessons) in enumerate(pairs):
-        for lesson in [None] + lessons:
-            prompts.append(common.question_prompt(tok, q, lesson=lesson))
-            seeds += [common.stream_seed(seed, stream, *key, qi, j) for j in range(M)]
-    out = common.sample(model, tok, prompts, n=M, max_new_tokens=max_new_tokens, temperature=temperature,
-                        stop=ANSWER_STOP, row_seeds=seeds, progress=progress)
-    owner = [q for q, lessons in pairs for _ in range(1 + len(lessons)) for _ in range(M)]
-    rewards = np.array([common.verify(owner[i], s.text)[0] for i, s in enumerate(out)])
+    qs = [q for q, lessons in pairs for _ in range(1 + len(lessons))]
+    prompts = [common.question_prompt(tok, q, lesson=r) for q, lessons in pairs for r in [None] + lessons]
+    rewards = common.score(model, tok, qs, prompts, M, seed, stream, key, max_new_tokens=max_new_tokens,
+                           temperature=temperature, stop=ANSWER_STOP, progress=progress).rewards   # (P, M)
     results, k = [], 0
     for q, lessons in pairs:
-        block = rewards[k:k + (1 + len(lessons)) * M].reshape(1 + len(lessons), M)
-        results.append((block[0], list(block[1:])))
-        k += (1 + len(lessons)) * M
+        results.append((rewards[k], list(rewards[k + 1:k + 1 + len(lessons)])))
+        k += 1 + len(lessons)
     return results
 
 
@@ -188,229 +178,233 @@ def transfer_pool(questions, q, by):
 
 
 # ----------------------------------------------------------------------------
-# main
+# train
 
 
-def check_args(args):
-    """Every flag's range, before anything is loaded or written (one line, exit 2)."""
-    common.check_common_args(args)
-    common.check_at_least(args, ["steps", "N", "M", "transfer_questions", "max_intros", "max_new_tokens",
-                                 "answer_tokens", "canary_every", "canary_samples", "save_every"])
-    common.check_at_least(args, ["correction_turns", "matrix_M"], minimum=0)
-    # log-probs are divided by the temperature in training: 0 would make every update NaN
-    common.check_positive(args, ["temperature", "lr", "clip"])
+def train(args, out, split) -> common.Policy:
+    """The paper's loop: per step, rollouts on Q, introspections, transfer, A_intro, update."""
+    policy = common.load_policy(args, out)
+    library = resume_library(out, policy.step) if args.resume else common.load_bank(out / "library.json", "introspection-library")
+    metrics = common.read_metrics(out)
+    # the alarm compares with the run's first canary, also after a resume
+    canary0 = next((m["canary"] for m in metrics if "canary" in m), None)
+    print(f"weights in {next(policy.model.parameters()).dtype}, rollouts in {next(policy.rollout.parameters()).dtype}")
+    bar = tqdm(range(policy.step, args.steps), desc="GRPO steps", initial=policy.step, total=args.steps)
+    for step in bar:
+        t0 = time.time()
+        Q = split["order"][step % len(split["order"])]
+        rec = {"step": step, "question": Q.id, "cluster": Q.cluster, "subtype": Q.subtype}
+        if step % args.canary_every == 0 or step == policy.step:
+            canary0 = check_canary(args, policy, split["canary"], rec, canary0)
+        rollouts, turns = rollouts_on_Q(args, policy, Q, step, rec)                     # 1. N rollouts on Q
+        cands = introspections(policy.tok, rollouts, args.max_intros, rec)              # 2. lessons r_i
+        same_type = transfer_pool(split["pool"], Q, args.transfer_by)
+        Q_prime = random.Random(common.stream_seed(args.seed, "pick-Q'", step)).sample(
+            same_type, min(args.transfer_questions, len(same_type)))
+        A, val = transfer(args, policy, Q, Q_prime, [r for _, r in cands], step, rec)   # 3-4. A_intro
+        upd = [(i, a["mean"]) for (i, _), a in zip(cands, A) if a["mean"] > 0]
+        rec.update(updated=len(upd), grad_norm=None, loss=None, skipped=None, weight_change=None)
+        if upd:                                                                         # 5. policy gradient
+            rec.update(update(args, policy, [rollouts[i] for i, _ in upd], [a for _, a in upd]))
+        # record: library and metrics first, checkpoint last, so a kill anywhere between them only
+        # repeats this step (--resume drops what a step past the checkpoint logged)
+        record_library(library, out, Q, Q_prime, step, cands, A, val, turns, {i for i, _ in upd})
+        rec.update(step_time=time.time() - t0, peak_memory_mb=common.peak_memory_mb(policy.device))
+        common.append_jsonl(out / "metrics.jsonl", rec)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            common.save_checkpoint(out, policy.model, policy.tok, policy.opt, step=step + 1)
+        bar.set_postfix(acc=f"{rec['accuracy_Q']['mean']:.2f}", intro=f"{rec['introspected']:.2f}", upd=rec["updated"])
+    return policy
 
 
-def main():
-    p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
-                               data="data/procedural.jsonl")
-    p.add_argument("--steps", type=int, default=20, help="training steps (one question Q each)")
-    p.add_argument("--N", type=int, default=16, help="rollouts on Q (the paper's N)")
-    p.add_argument("--M", type=int, default=4, help="transfer rollouts per arm on each Q'")
-    p.add_argument("--transfer-questions", type=int, default=1, help="K questions Q' per introspection")
+# ----------------------------------------------------------------------------
+# the pieces, in the order train() calls them
+
+
+def resume_library(out, start):
+    """The library without the introspections of steps past the checkpoint (they are redone)."""
+    library = common.load_bank(out / "library.json", "introspection-library")
+    n = len(library["entries"])
+    library["entries"] = [e for e in library["entries"] if e["step"] < start]
+    common.save_bank(out / "library.json", library)
+    print(f"resuming {out} at step {start} ({len(library['entries'])} introspections in the library, "
+          f"{n - len(library['entries'])} past the checkpoint dropped and redone)")
+    return library
+
+
+def check_canary(args, policy, canary, rec, canary0):
+    """Accuracy on held-out questions without introspection (the paper's collapse to "N/A"), with the
+    same row seeds at every check, so a change is the model's, not the noise's."""
+    res = score_lessons(policy.rollout, policy.tok, [(q, []) for q in canary], args.canary_samples,
+                        args.temperature, args.seed, "canary", (), args.answer_tokens, progress="canary")
+    c = common.cluster_bootstrap_ci([b for b, _ in res], seed=0)      # clustered by question
+    canary0 = canary0 or c
+    rec["canary"], rec["canary_alarm"] = c, canary_alarm(c, canary0)
+    if rec["canary_alarm"]:
+        tqdm.write(f"ALARM step {rec['step']}: canary accuracy {common.fmt_ci(c, False)} fell below its start {canary0['mean']:.2f}")
+    return canary0
+
+
+def rollouts_on_Q(args, policy, Q, step, rec):
+    """N rollouts on Q on their own seed stream, then --correction-turns retries of the wrong ones.
+    Returns ([Rollout] (N,), the turn each final rollout came from)."""
+    tok, prompt = policy.tok, common.question_prompt(policy.tok, Q, instruction=INTROSPECT_HINT)
+    prompts = [prompt] * args.N
+    samples = common.sample(policy.rollout, tok, [prompt], n=args.N, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, stop=ROLLOUT_STOP, progress="rollouts on Q",
+                            row_seeds=[common.stream_seed(args.seed, "rollout", step, j) for j in range(args.N)])
+    rewards, turns = [common.verify(Q, s.text)[0] for s in samples], [0] * args.N
+    rec["accuracy_Q_first_turn"] = common.mean_ci(rewards, binary=True)
+    for turn in range(1, args.correction_turns + 1):
+        wrong = [i for i, r in enumerate(rewards) if r == 0]
+        if not wrong:
+            break
+        retry = [prompts[i] + samples[i].text + CORRECTION for i in wrong]
+        again = common.sample(policy.rollout, tok, retry, n=1, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, stop=ROLLOUT_STOP,
+                              row_seeds=[common.stream_seed(args.seed, "correction", step, turn, i) for i in wrong])
+        for i, p_i, s in zip(wrong, retry, again):
+            prompts[i], samples[i], turns[i], rewards[i] = p_i, s, turn, common.verify(Q, s.text)[0]
+    if args.correction_turns:
+        rec["correct_by_turn"] = [sum(1 for i in range(args.N) if turns[i] == t and rewards[i] == 1)
+                                  for t in range(args.correction_turns + 1)]
+    rec["accuracy_Q"] = common.mean_ci(rewards, binary=True)
+    rollouts = [common.Rollout(Q, common.encode(tok, p), s.token_ids, s.text, r, "", s.logprobs)
+                for p, s, r in zip(prompts, samples, rewards)]
+    return rollouts, turns
+
+
+def introspections(tok, rollouts, max_intros, rec):
+    """(rollout index, lesson) of correct rollouts that wrote a closed introspection, at most max_intros."""
+    intros = [(i, extract_introspection(tok, r.completion_ids)) for i, r in enumerate(rollouts)]
+    wrote = [i for i, r in intros if r is not None]
+    rec["introspected"] = len(wrote) / len(rollouts)
+    rec["intro_tokens"] = float(np.mean([sum(introspection_mask(tok, rollouts[i].completion_ids))
+                                         for i in wrote])) if wrote else 0.0
+    return [(i, r) for i, r in intros if r is not None and rollouts[i].reward == 1][:max_intros]
+
+
+def transfer(args, policy, Q, Q_prime, lessons, step, rec):
+    """A_intro of each lesson on the K questions Q' and its validation on Q, paired, on the
+    "transfer" stream; Q's known-good lesson (the oracle) goes through the same machinery, never
+    trained on. Returns ([A per lesson], [validation per lesson])."""
+    oracle = Q.lesson if args.oracle and Q.lesson else None
+    scored = lessons + ([oracle] if oracle else [])
+    if not scored:
+        return [], []
+    res = score_lessons(policy.rollout, policy.tok, [(q, scored) for q in Q_prime + [Q]], args.M, args.temperature,
+                        args.seed, "transfer", (step,), args.answer_tokens, progress="transfer rollouts")
+    K = len(Q_prime)
+    both = [paired_advantage([res[j][1][k] for j in range(K)], [res[j][0] for j in range(K)]) for k in range(len(scored))]
+    both_val = [paired_advantage([res[-1][1][k]], [res[-1][0]]) for k in range(len(scored))]
+    if oracle:
+        drop = ("diffs", "var_paired", "var_unpaired")
+        rec["A_oracle"] = {**{k: v for k, v in both[-1].items() if k not in drop}, "diffs": both[-1]["diffs"].tolist()}
+        rec["val_oracle"] = {k: v for k, v in both_val[-1].items() if k not in drop}
+    # how much pairing cuts the variance of the estimate, over every lesson scored (oracle too)
+    rec["var_paired"] = float(np.nansum([a["var_paired"] for a in both]))
+    rec["var_unpaired"] = float(np.nansum([a["var_unpaired"] for a in both]))
+    A, val = both[:len(lessons)], both_val[:len(lessons)]
+    if A:
+        rec["A_intro"], rec["validation"] = pooled_advantage(A), pooled_advantage(val)
+    return A, val
+
+
+def update(args, policy, rollouts, advantages) -> dict:
+    """The policy gradient on the introspection tokens of positively scored rollouts."""
+    comp = [r.completion_ids for r in rollouts]
+    lp = common.token_logprobs(policy.model, [r.prompt_ids for r in rollouts], comp,
+                               temperature=args.temperature, pad_id=policy.tok.pad_token_id)
+    mask = torch.zeros_like(lp["mask"])
+    for b, c in enumerate(comp):
+        mask[b, :len(c)] = torch.tensor(introspection_mask(policy.tok, c))
+    adv = torch.tensor([max(a, 0.0) for a in advantages], device=policy.device)    # clamp(A_intro, min=0)
+    loss = pg_loss(lp["logprobs"], mask, adv)
+    # how far the rollout policy (a bf16 copy) is from the trained one, on the trained tokens
+    rec = {"loss": float(loss.detach()),
+           "logprob_mismatch": common.logprob_mismatch([r.logprobs for r in rollouts], lp["logprobs"], mask)}
+    if not torch.isfinite(loss):
+        policy.opt.zero_grad(set_to_none=True)
+        rec["skipped"] = f"non-finite loss {float(loss)}"
+    else:
+        loss.backward()
+        # measured, not lr x grad: at SGD lr 1e-6 and clip 1 most weights do not move
+        rec.update(common.optimizer_step(policy, args.clip, measure=True))
+    if rec.get("skipped"):
+        tqdm.write(f"step: {rec['skipped']}, update skipped")
+    return rec
+
+
+def record_library(library, out, Q, Q_prime, step, cands, A, val, turns, updated):
+    for (i, r), a, v in zip(cands, A, val):
+        library["entries"].append({
+            "id": f"s{step:04d}-r{i:02d}", "text": r, "cluster": Q.cluster, "subtype": Q.subtype,
+            "source_question": Q.id, "step": step, "turn": turns[i],
+            "A_intro": {**{x: a[x] for x in ("mean", "lo", "hi", "n")}, "transfer_questions": [q.id for q in Q_prime]},
+            "validation": {x: v[x] for x in ("mean", "lo", "hi", "n")},
+            "used_for_update": i in updated, "meta_gaming": bool(META_GAMING.search(r))})
+    common.save_bank(out / "library.json", library)
+
+
+# ----------------------------------------------------------------------------
+# flags and main
+
+
+def build_parser():
+    p = common.add_common_args(common.ArgumentParser(description=__doc__.split("\n\n")[0]), data="data/procedural.jsonl")
+    count = common.at_least(1)
+    p.add_argument("--steps", type=count, default=20, help="training steps (one question Q each)")
+    p.add_argument("--N", type=count, default=16, help="rollouts on Q (the paper's N)")
+    p.add_argument("--M", type=count, default=4, help="transfer rollouts per arm on each Q'")
+    p.add_argument("--transfer-questions", type=count, default=1, help="K questions Q' per introspection")
     p.add_argument("--transfer-by", choices=["subtype", "cluster"], default="subtype")
-    p.add_argument("--max-intros", type=int, default=4, help="at most this many introspections scored per step")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="rollout length on Q")
-    p.add_argument("--answer-tokens", type=int, default=16, help="rollout length on Q' (answer only)")
+    p.add_argument("--max-intros", type=count, default=4, help="at most this many introspections scored per step")
+    # log-probs are divided by the temperature in training: 0 would make every update NaN
+    p.add_argument("--temperature", type=common.positive, default=0.7)
+    p.add_argument("--max-new-tokens", type=count, default=64, help="rollout length on Q")
+    p.add_argument("--answer-tokens", type=count, default=16, help="rollout length on Q' (answer only)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
                    help="sgd (the paper: no momentum) or adamw (torch defaults: betas 0.9/0.999, weight decay 0.01)")
-    p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--canary-every", type=int, default=4)
-    p.add_argument("--canary-samples", type=int, default=4)
-    p.add_argument("--save-every", type=int, default=1, help="checkpoint every this many steps")
+    p.add_argument("--lr", type=common.positive, default=1e-6)
+    p.add_argument("--clip", type=common.positive, default=1.0)
+    p.add_argument("--canary-every", type=count, default=4)
+    p.add_argument("--canary-samples", type=count, default=4)
+    p.add_argument("--save-every", type=count, default=1, help="checkpoint every this many steps")
     p.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                    help="also score Q's known-good lesson through the same machinery (no update)")
-    p.add_argument("--correction-turns", type=int, default=0, help="multi-turn ablation: 'wrong, try again' turns")
-    p.add_argument("--matrix-M", type=int, default=4, help="rollouts per arm in the final transfer matrix (0: skip)")
+    p.add_argument("--correction-turns", type=common.at_least(0), default=0, help="multi-turn ablation: 'wrong, try again' turns")
+    p.add_argument("--matrix-M", type=common.at_least(0), default=4, help="rollouts per arm in the final transfer matrix (0: skip)")
     p.add_argument("--include-controls", action="store_true", help="also train on negative-control clusters")
-    args = p.parse_args()
-    check_args(args)
+    return p
 
-    # ---- setup: data first (a bad file fails before the model loads)
+
+def make_split(args):
+    """Canary (the first question of each sub-type), the pool the rest of the run draws from, and the
+    training order. Data first: a bad file fails before the model loads."""
     questions = common.load_questions(args.data)
-    canary = list({(q.cluster, q.subtype): q for q in reversed(questions)}.values())  # first of each sub-type
+    canary = list({(q.cluster, q.subtype): q for q in reversed(questions)}.values())
     canary_ids = {q.id for q in canary}
     pool = [q for q in questions if q.id not in canary_ids]
-    train = [q for q in pool if args.include_controls or not q.meta.get("negative_control")]
-    train = [q for q in train if transfer_pool(pool, q, args.transfer_by)]
+    train = [q for q in pool if (args.include_controls or not q.meta.get("negative_control"))
+             and transfer_pool(pool, q, args.transfer_by)]
     if not train:
         raise common.UserError(f"{args.data}: no question has a Q' of the same {args.transfer_by} outside "
                                f"the canary set (the first question of each sub-type); every type needs at least 3")
-    out = common.setup_run(args, "grpo_introspect")
     order = [train[i] for i in np.random.default_rng(args.seed).permutation(len(train))]
-    library_path, metrics_path = out / "library.json", out / "metrics.jsonl"
-    library = common.load_bank(library_path, "introspection-library")
+    return {"canary": canary, "pool": pool, "train": train, "order": order}
 
-    ckpt = common.find_checkpoint(out) if args.resume else None
-    model, tok = common.load_model(str(ckpt) if ckpt else args.model, args.device, args.dtype, args.activation_checkpointing)
-    device = next(model.parameters()).device
-    params = [p_ for p_ in model.parameters() if p_.requires_grad]
-    opt = (torch.optim.SGD(params, lr=args.lr, momentum=0.0) if args.optimizer == "sgd"
-           else torch.optim.AdamW(params, lr=args.lr))
-    rollout = common.rollout_copy(model, args.rollout_dtype)  # bf16 copy where bf16 is fast, else model itself
-    start, metrics = 0, []
-    if args.resume:
-        state = common.load_resume_state(out, opt)
-        start = state["step"] if state else 0
-        # Anything logged by a step that the checkpoint does not include is dropped, then redone.
-        metrics = common.read_jsonl(metrics_path)
-        dropped = sum(m["step"] >= start for m in metrics)
-        metrics = [m for m in metrics if m["step"] < start]
-        library["entries"] = [e for e in library["entries"] if e["step"] < start]
-        common.save_bank(library_path, library)
-        common.write_jsonl(metrics_path, metrics)
-        if state is None:
-            print(f"warning: {out} has no complete checkpoint; starting again from step 0 with {args.model}")
-        print(f"resuming {out} at step {start} ({len(library['entries'])} introspections in the library, "
-              f"{dropped} logged step(s) past the checkpoint dropped and redone)")
-    print(f"run folder: {out}\ntraining on {len(train)} questions, canary {len(canary)}, data {args.data}")
-    print(f"weights in {next(model.parameters()).dtype}, rollouts in {next(rollout.parameters()).dtype}")
-    if args.oracle and not any(q.lesson for q in train):
+
+def main():
+    args = build_parser().parse_args()
+    split = make_split(args)
+    out = common.setup_run(args, "grpo_introspect")
+    print(f"run folder: {out}\ntraining on {len(split['train'])} questions, canary {len(split['canary'])}, data {args.data}")
+    if args.oracle and not any(q.lesson for q in split["train"]):
         print(f"note: {args.data} has no 'lesson' fields, so the oracle is skipped")
-
-    def canary_accuracy():
-        # the same row seeds at every check: a change in the canary is the model's, not the noise's
-        res = score_lessons(rollout, tok, [(q, []) for q in canary], args.canary_samples, args.temperature,
-                            args.seed, "canary", (), args.answer_tokens, progress="canary")
-        return common.cluster_bootstrap_ci([b for b, _ in res], seed=0)      # clustered by question
-
-    # the alarm compares with the run's first canary, also after a resume
-    canary0 = next((m["canary"] for m in metrics if "canary" in m), None)
-    bar = tqdm(range(start, args.steps), desc="GRPO steps", initial=start, total=args.steps)
-    for step in bar:
-        t0 = time.time()
-        Q = order[step % len(order)]
-        rec = {"step": step, "question": Q.id, "cluster": Q.cluster, "subtype": Q.subtype}
-
-        # ---- canary: accuracy on held-out questions without introspection (paper: collapse to "N/A")
-        if step % args.canary_every == 0 or step == start:
-            c = canary_accuracy()
-            canary0 = canary0 or c
-            rec["canary"] = c
-            rec["canary_alarm"] = canary_alarm(c, canary0)
-            if rec["canary_alarm"]:
-                tqdm.write(f"ALARM step {step}: canary accuracy {common.fmt_ci(c, False)} "
-                           f"fell below its start {canary0['mean']:.2f}")
-
-        # ---- 1. N rollouts on Q (optionally with correction turns), on their own seed stream
-        prompt = common.question_prompt(tok, Q, instruction=INTROSPECT_HINT)
-        prompts = [prompt] * args.N
-        rollouts = common.sample(rollout, tok, [prompt], n=args.N, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, stop=ROLLOUT_STOP, progress="rollouts on Q",
-                                 row_seeds=[common.stream_seed(args.seed, "rollout", step, j) for j in range(args.N)])
-        rewards = [common.verify(Q, s.text)[0] for s in rollouts]
-        turns = [0] * args.N
-        first_try = common.mean_ci(rewards, binary=True)
-        for turn in range(1, args.correction_turns + 1):
-            wrong = [i for i, r in enumerate(rewards) if r == 0]
-            if not wrong:
-                break
-            retry = [prompts[i] + rollouts[i].text + CORRECTION for i in wrong]
-            again = common.sample(rollout, tok, retry, n=1, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, stop=ROLLOUT_STOP,
-                                  row_seeds=[common.stream_seed(args.seed, "correction", step, turn, i) for i in wrong])
-            for i, p_i, s in zip(wrong, retry, again):
-                prompts[i], rollouts[i], turns[i], rewards[i] = p_i, s, turn, common.verify(Q, s.text)[0]
-        if args.correction_turns:
-            rec["correct_by_turn"] = [sum(1 for i in range(args.N) if turns[i] == t and rewards[i] == 1)
-                                      for t in range(args.correction_turns + 1)]
-        intros = [(i, extract_introspection(tok, s)) for i, s in enumerate(rollouts)]
-        wrote = [i for i, r in intros if r is not None]
-        rec.update(accuracy_Q=common.mean_ci(rewards, binary=True), accuracy_Q_first_turn=first_try,
-                   introspected=len(wrote) / args.N,
-                   intro_tokens=float(np.mean([sum(introspection_mask(tok, rollouts[i].token_ids))
-                                               for i in wrote])) if wrote else 0.0)
-
-        # ---- 2. introspections from successful rollouts
-        cands = [(i, r) for i, r in intros if r is not None and rewards[i] == 1][:args.max_intros]
-        lessons = [r for _, r in cands]
-        oracle = Q.lesson if args.oracle and Q.lesson else None   # scored like a lesson, never trained on
-
-        # ---- 3-4. transfer to K questions Q' (and validation on Q itself), paired, own seed stream
-        same_type = transfer_pool(pool, Q, args.transfer_by)
-        Qp = random.Random(common.stream_seed(args.seed, "pick-Q'", step)).sample(
-            same_type, min(args.transfer_questions, len(same_type)))
-        scored = lessons + ([oracle] if oracle else [])
-        A, val = [], []
-        if scored:
-            res = score_lessons(rollout, tok, [(q, scored) for q in Qp + [Q]], args.M, args.temperature,
-                                args.seed, "transfer", (step,), args.answer_tokens, progress="transfer rollouts")
-            both = [paired_advantage([res[j][1][k] for j in range(len(Qp))], [res[j][0] for j in range(len(Qp))])
-                    for k in range(len(scored))]
-            both_val = [paired_advantage([res[-1][1][k]], [res[-1][0]]) for k in range(len(scored))]
-            A, val = both[:len(lessons)], both_val[:len(lessons)]
-            if oracle:
-                A_oracle, val_oracle = both[-1], both_val[-1]
-                rec["A_oracle"] = {k: v for k, v in A_oracle.items() if k not in ("diffs", "var_paired", "var_unpaired")}
-                rec["A_oracle"]["diffs"] = A_oracle["diffs"].tolist()
-                rec["val_oracle"] = {k: v for k, v in val_oracle.items() if k not in ("diffs", "var_paired", "var_unpaired")}
-            # how much pairing cuts the variance of the estimate, over every lesson scored (oracle too)
-            rec["var_paired"] = float(np.nansum([a["var_paired"] for a in both]))
-            rec["var_unpaired"] = float(np.nansum([a["var_unpaired"] for a in both]))
-        if A:
-            rec["A_intro"] = pooled_advantage(A)
-            rec["validation"] = pooled_advantage(val)
-
-        # ---- 5. policy gradient on the introspection tokens of positively scored rollouts
-        upd = [(i, a["mean"]) for (i, _), a in zip(cands, A) if a["mean"] > 0]
-        rec.update(updated=len(upd), grad_norm=None, loss=None, skipped=None, weight_change=None)
-        if upd:  # no positive advantage -> no forward/backward at all
-            ids = [common.encode(tok, prompts[i]) for i, _ in upd]
-            comp = [rollouts[i].token_ids for i, _ in upd]
-            lp = common.token_logprobs(model, ids, comp, temperature=args.temperature, pad_id=tok.pad_token_id)
-            mask = torch.zeros_like(lp["mask"])
-            for b, c in enumerate(comp):
-                mask[b, :len(c)] = torch.tensor(introspection_mask(tok, c))
-            adv = torch.tensor([max(a, 0.0) for _, a in upd], device=device)    # clamp(A_intro, min=0)
-            loss = pg_loss(lp["logprobs"], mask, adv)
-            rec["loss"] = float(loss.detach())
-            # how far the rollout policy (a bf16 copy) is from the trained one, on the trained tokens
-            rec["logprob_mismatch"] = common.logprob_mismatch([rollouts[i].logprobs for i, _ in upd],
-                                                              lp["logprobs"], mask)
-            if torch.isfinite(loss):
-                loss.backward()
-                gn = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
-                rec["grad_norm"] = gn
-                if np.isfinite(gn):
-                    before = [p_.detach().clone() for p_ in params]
-                    opt.step()
-                    # measured, not lr x grad: at SGD lr 1e-6 and clip 1 most weights do not move
-                    rec["weight_change"] = common.weight_delta(params, before)
-                    del before
-                    rec["rollout_sync_s"] = common.sync_rollout(rollout, model)
-                else:
-                    rec["skipped"] = f"non-finite gradient norm {gn}"
-            else:
-                rec["skipped"] = f"non-finite loss {float(loss)}"
-            if rec["skipped"]:
-                tqdm.write(f"step {step}: {rec['skipped']}, update skipped")
-            opt.zero_grad(set_to_none=True)
-
-        # ---- record: library and metrics first, checkpoint last, so a kill anywhere between them
-        # only repeats this step (--resume drops what a step past the checkpoint logged)
-        updated = {i for i, _ in upd}
-        for (i, r), a, v in zip(cands, A, val):
-            library["entries"].append({
-                "id": f"s{step:04d}-r{i:02d}", "text": r, "cluster": Q.cluster, "subtype": Q.subtype,
-                "source_question": Q.id, "step": step, "turn": turns[i],
-                "A_intro": {**{x: a[x] for x in ("mean", "lo", "hi", "n")}, "transfer_questions": [q.id for q in Qp]},
-                "validation": {x: v[x] for x in ("mean", "lo", "hi", "n")},
-                "used_for_update": i in updated, "meta_gaming": bool(META_GAMING.search(r))})
-        common.save_bank(library_path, library)
-        rec.update(step_time=time.time() - t0, peak_memory_mb=common.peak_memory_mb(device))
-        common.append_jsonl(metrics_path, rec)
-        metrics.append(rec)
-        common.crash_point("after_metrics")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            common.save_checkpoint(out, model, tok, opt, step=step + 1)
-        bar.set_postfix(acc=f"{rec['accuracy_Q']['mean']:.2f}", intro=f"{rec['introspected']:.2f}",
-                        upd=rec["updated"])
-
-    # ---- report
-    write_report(out, args, rollout, tok, library, pool)
-    print(f"library: {library_path}\nmetrics: {metrics_path}\nreport:  {out / 'report.md'}")
+    policy = train(args, out, split)
+    write_report(out, args, policy.rollout, policy.tok, common.load_bank(out / "library.json", "introspection-library"),
+                 split["pool"])
+    print(f"library: {out / 'library.json'}\nmetrics: {out / 'metrics.jsonl'}\nreport:  {out / 'report.md'}")
 
 
 # ----------------------------------------------------------------------------
@@ -433,7 +427,7 @@ def by_step(entries, key):
 
 def write_report(out, args, model, tok, library, pool):
     fmt = common.fmt_ci
-    metrics = common.read_jsonl(out / "metrics.jsonl")
+    metrics = common.read_metrics(out)
     entries = library["entries"]
     lines = [f"# GRPO on the introspection advantage: {out.name}", "",
              f"`{common.command_line()}`", "",
@@ -515,7 +509,7 @@ def write_report(out, args, model, tok, library, pool):
                 d = common.paired_binary_ci(res[ci][1][ri], res[ci][0])
                 cells.append(f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]")
             lines.append(f"| {x[0]}/{x[1]} | " + " | ".join(cells) + " |")
-    common.atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    common.write_report(out, lines)
 
 
 if __name__ == "__main__":

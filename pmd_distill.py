@@ -120,59 +120,11 @@ def grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - rewards.mean(-1, keepdim=True)
 
 
-def grpo_loss(logprobs, mask, adv) -> torch.Tensor:
-    """-sum_i A_i sum_t log pi(y_it) / (number of tokens): token-level normalisation.
-    logprobs, mask (R, T); adv (R,)."""
-    mask = mask.float()
-    return -(adv[:, None] * logprobs * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def add_tail(logp: torch.Tensor) -> torch.Tensor:
-    """(..., k) top-k log-probs -> (..., k + 1): one extra bucket holding 1 - the top-k mass.
-    The clamp keeps log(1 - mass) finite when the top-k hold all the mass (as SDPO does)."""
-    lse = torch.logsumexp(logp, -1, keepdim=True).clamp(max=-1e-7)
-    return torch.cat([logp, torch.log(-torch.expm1(lse))], -1)
-
-
-def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last dimension, from log-probs."""
-    return (p_log.exp() * (p_log - q_log)).sum(-1)
-
-
-def alpha_divergence(s_log: torch.Tensor, t_log: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SDPO's alpha-mixture between student s and teacher t, per position (GKD's convention):
-      alpha = 0    KL(teacher || student)   ("forward" KL: mass-covering)
-      alpha = 1    KL(student || teacher)   ("reverse" KL: mode-seeking)
-      otherwise    generalised JSD: alpha KL(t || m) + (1 - alpha) KL(s || m), m = (1-alpha) s + alpha t
-    """
-    if alpha == 0:
-        return kl(t_log, s_log)
-    if alpha == 1:
-        return kl(s_log, t_log)
-    m = torch.logsumexp(torch.stack([s_log + math.log(1 - alpha), t_log + math.log(alpha)]), 0)
-    return alpha * kl(t_log, m) + (1 - alpha) * kl(s_log, m)
-
-
-def topk_divergence(s_topk, t_topk, alpha: float, tail: bool = True) -> torch.Tensor:
-    """Per-token divergence over the student's top-k ids. s_topk, t_topk (..., k): log-probs of the
-    student's top-k ids under the student (with grad) and the teacher (no grad), at the rollout
-    temperature. tail=True adds the 1 - mass bucket (unbiased when k is small); tail=False
-    renormalises over the k ids (biased; kept for the test and for comparison)."""
-    if tail:
-        s_log, t_log = add_tail(s_topk), add_tail(t_topk)
-    else:
-        s_log = s_topk - s_topk.logsumexp(-1, keepdim=True)
-        t_log = t_topk - t_topk.logsumexp(-1, keepdim=True)
-    return alpha_divergence(s_log, t_log, alpha)
-
-
-def sdpo_loss(s_topk, t_topk, mask, alpha: float, tail: bool = True, n_active=None) -> torch.Tensor:
-    """Token-level mean of the divergence over active (mask 1) tokens. s_topk, t_topk (R, T, k);
-    mask (R, T). n_active: the global count when the batch is split into micro-batches."""
-    d = topk_divergence(s_topk, t_topk, alpha, tail)                         # (R, T)
-    mask = mask.float()
-    n = mask.sum().clamp_min(1.0) if n_active is None else n_active
-    return (d * mask).sum() / n
+# GRPO's loss: -sum_i A_i sum_t log pi(y_it) / number of tokens (token-level normalisation).
+grpo_loss = common.pg_loss
+# SDPO's loss: the token-mean alpha-divergence over the student's top-k ids plus one tail bucket
+# (alpha 0 = KL(teacher || student), 1 = KL(student || teacher), 0.5 = generalised JSD).
+sdpo_loss = common.distill_loss
 
 
 @torch.no_grad()
@@ -564,57 +516,47 @@ def paired_vs(per_a, per_b) -> dict:
 
 
 def build_parser():
-    p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
+    p = common.add_common_args(common.ArgumentParser(description=__doc__.split("\n\n")[0]),
                                data="data/procedural.jsonl")
     p.add_argument("--method", choices=METHODS, default="pmd")
     p.add_argument("--compare", action="store_true", help="base + grpo + sdpo + pmd in one folder, one report")
     p.add_argument("--ablations", action="store_true", help="with --compare: also --freeze memory|policy and each level alone")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--B", type=int, default=2, help="questions per step")
-    p.add_argument("--G", type=int, default=8, help="rollouts per question")
-    p.add_argument("--train-per-type", type=int, default=1, help="training questions per (cluster, sub-type)")
-    p.add_argument("--dev-per-type", type=int, default=1, help="dev questions per type (checkpoint selection)")
-    p.add_argument("--test-per-type", type=int, default=1, help="held-out test questions per type")
+    p.add_argument("--epochs", type=common.at_least(1), default=2)
+    p.add_argument("--B", type=common.at_least(1), default=2, help="questions per step")
+    p.add_argument("--G", type=common.at_least(1), default=8, help="rollouts per question")
+    p.add_argument("--train-per-type", type=common.at_least(1), default=1, help="training questions per (cluster, sub-type)")
+    p.add_argument("--dev-per-type", type=common.at_least(1), default=1, help="dev questions per type (checkpoint selection)")
+    p.add_argument("--test-per-type", type=common.at_least(1), default=1, help="held-out test questions per type")
     p.add_argument("--include-controls", action="store_true", help="also use the negative-control clusters")
-    p.add_argument("--temperature", type=float, default=0.7, help="rollouts, and both distributions of the loss")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-6, help="AdamW, the same for every method")
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--micro-batch", type=int, default=4, help="rows per forward/backward (memory only)")
-    p.add_argument("--top-k", type=int, default=100, help="student top-k ids in the distillation loss")
-    p.add_argument("--alpha", type=float, default=0.5, help="0 KL(teacher||student), 1 KL(student||teacher), 0.5 JSD")
+    p.add_argument("--temperature", type=common.positive, default=0.7, help="rollouts, and both distributions of the loss")
+    p.add_argument("--max-new-tokens", type=common.at_least(1), default=16)
+    p.add_argument("--lr", type=common.positive, default=1e-6, help="AdamW, the same for every method")
+    p.add_argument("--clip", type=common.positive, default=1.0)
+    p.add_argument("--micro-batch", type=common.at_least(1), default=4, help="rows per forward/backward (memory only)")
+    p.add_argument("--top-k", type=common.at_least(1), default=100, help="student top-k ids in the distillation loss")
+    p.add_argument("--alpha", type=common.unit_interval, default=0.5, help="0 KL(teacher||student), 1 KL(student||teacher), 0.5 JSD")
     p.add_argument("--tail", action=argparse.BooleanOptionalAction, default=True, help="the 1 - top-k mass bucket")
-    p.add_argument("--ema", type=float, default=0.05, help="teacher EMA rate per step (0 frozen, 1 = student)")
+    p.add_argument("--ema", type=common.unit_interval, default=0.05, help="teacher EMA rate per step (0 frozen, 1 = student)")
     p.add_argument("--feedback", action=argparse.BooleanOptionalAction, default=True,
                    help="show a failed rollout's verifier line to the teacher when the group has no success")
     p.add_argument("--reflector", choices=["self", "template", "none"], default="template")
     p.add_argument("--levels", default="experience,insight,behavior", help="which memory levels exist")
     p.add_argument("--freeze", choices=["memory", "policy"], default=None, help="pmd ablations")
-    p.add_argument("--memory-tokens", type=int, default=64, help="cap on the retrieved memory block")
-    p.add_argument("--max-success", type=int, default=2, help="experience: successes kept per question")
-    p.add_argument("--max-failure", type=int, default=1, help="experience: failures kept per question")
-    p.add_argument("--insights-per-question", type=int, default=2)
-    p.add_argument("--insights-per-subtype", type=int, default=4)
-    p.add_argument("--gate-siblings", type=int, default=2, help="sibling questions an insight is validated on")
-    p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out question (the n of pass@k)")
-    p.add_argument("--pass-k", type=int, default=None, help="largest k of pass@k (default: --eval-samples)")
-    p.add_argument("--dev-samples", type=int, default=2)
-    p.add_argument("--save-every", type=int, default=4, help="checkpoint every this many steps (and at epoch ends)")
+    p.add_argument("--memory-tokens", type=common.at_least(1), default=64, help="cap on the retrieved memory block")
+    p.add_argument("--max-success", type=common.at_least(1), default=2, help="experience: successes kept per question")
+    p.add_argument("--max-failure", type=common.at_least(0), default=1, help="experience: failures kept per question")
+    p.add_argument("--insights-per-question", type=common.at_least(1), default=2)
+    p.add_argument("--insights-per-subtype", type=common.at_least(1), default=4)
+    p.add_argument("--gate-siblings", type=common.at_least(1), default=2, help="sibling questions an insight is validated on")
+    p.add_argument("--eval-samples", type=common.at_least(1), default=8, help="samples per held-out question (the n of pass@k)")
+    p.add_argument("--pass-k", type=common.at_least(1), default=None, help="largest k of pass@k (default: --eval-samples)")
+    p.add_argument("--dev-samples", type=common.at_least(1), default=2)
+    p.add_argument("--save-every", type=common.at_least(1), default=4, help="checkpoint every this many steps (and at epoch ends)")
     return p
 
 
 def check_args(args):
-    common.check_common_args(args)
-    common.check_at_least(args, ["epochs", "B", "G", "train_per_type", "dev_per_type", "test_per_type",
-                                 "max_new_tokens", "micro_batch", "top_k", "memory_tokens", "max_success",
-                                 "insights_per_question", "insights_per_subtype", "gate_siblings",
-                                 "eval_samples", "pass_k", "dev_samples", "save_every"])
-    common.check_at_least(args, ["max_failure"], 0)
-    common.check_positive(args, ["temperature", "lr", "clip"])
-    for name in ("alpha", "ema"):
-        v = getattr(args, name)
-        if not 0 <= v <= 1:
-            raise common.flag_error(name, v, "must be in [0, 1]")
+    """Checks across flags (each flag's own range is its argparse type)."""
     levels = [x.strip() for x in args.levels.split(",") if x.strip()]
     bad = [x for x in levels if x not in LEVELS]
     if bad or not levels:
@@ -650,6 +592,7 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
     log(f"weights in {next(model.parameters()).dtype}, rollouts in {next(sampler.parameters()).dtype}")
     params = [p_ for p_ in model.parameters() if p_.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
+    policy = common.Policy(model, sampler, tok, params, opt)
     teacher = None
     if args.method != "grpo":
         teacher = copy.deepcopy(model).eval()
@@ -774,12 +717,12 @@ def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
             rec["logprob_mismatch"] = {"mean": sum(m["mean"] * m["n"] for m in mism if m["n"]) / n_m if n_m else None,
                                        "max": max((m["max"] for m in mism if m["n"]), default=None), "n": n_m}
             if math.isfinite(loss_val):
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
-                opt.step()
-                rec["rollout_sync_s"] = common.sync_rollout(sampler, model)
+                stepped = common.optimizer_step(policy, args.clip)
+                grad_norm = stepped["grad_norm"]
+                rec.update({k: v for k, v in stepped.items() if k != "grad_norm" and v is not None})
             else:
                 rec["skipped"] = f"non-finite loss {loss_val}"
-            opt.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
         if teacher is not None and args.freeze != "policy":
             ema_update(teacher, model, args.ema)    # every step, as SDPO's teacher update
         rec.update(loss=loss_val, grad_norm=grad_norm, time_update=time.time() - t_l)
@@ -1023,7 +966,7 @@ def write_report(out: Path, args, r: dict):
     lines += ["", "## Compute", "", f"tokens sampled {c.get('tokens_sampled', 0)}, teacher-forward tokens "
               f"{c.get('teacher_tokens', 0)}, reflection tokens {c.get('reflection_tokens', 0)}, gate tokens "
               f"{c.get('gate_tokens', 0)}, wall time {c['wall_s'] / 60:.1f} min (this process)."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    common.write_report(out, lines)
 
 
 PAPER = ("| paper (Qwen3-8B) SciKnowEval | 47.9 | 69.4 | 74.4 | 77.2 |\n"
@@ -1072,7 +1015,7 @@ def write_compare_report(out: Path, results: dict):
         lines.append(f"| {name} | {c.get('tokens_sampled', 0)} | {c.get('teacher_tokens', 0)} | "
                      f"{c.get('reflection_tokens', 0)} | {c.get('gate_tokens', 0)} | {c['wall_s'] / 60:.1f} |")
     lines += ["", "Per-run details (per step, per epoch, memory): each run's own `report.md`."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    common.write_report(out, lines)
 
 
 def plot_curves(out: Path, results: dict):

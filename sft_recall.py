@@ -49,7 +49,6 @@ Deliberate simplifications:
     python sft_recall.py --library runs/A/library.json --model runs/A/checkpoint
     python sft_recall.py --out runs/NAME --resume ...                 # continue after a kill
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -555,7 +554,8 @@ def train_sft(model, tok, examples, args, out: Path, metrics_path: Path, phase: 
     last finished epoch; metrics of a half-done epoch are dropped and redone."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = common.make_optimizer(params, "adamw", args.lr, args.weight_decay)
+    policy = common.Policy(model, model, tok, params, opt)      # SFT samples nothing: no rollout copy
     B = args.batch_size
     steps_per_epoch = math.ceil(len(examples) / B)
     total = args.epochs * steps_per_epoch
@@ -565,9 +565,8 @@ def train_sft(model, tok, examples, args, out: Path, metrics_path: Path, phase: 
     if state:
         start, step = state["step"], state["extra"]["opt_step"]
     if metrics_path.exists():
-        keep = [ln for ln in metrics_path.read_text().splitlines()
-                if not (json.loads(ln).get("phase") == phase and json.loads(ln)["epoch"] >= start)]
-        common.atomic_write_text(metrics_path, "".join(ln + "\n" for ln in keep))
+        common.write_jsonl(metrics_path, [m for m in common.read_jsonl(metrics_path)
+                                          if not (m.get("phase") == phase and m["epoch"] >= start)])
     if start >= args.epochs:
         return
     bar = tqdm(total=total, initial=step, desc=f"SFT ({phase})", unit="step")
@@ -587,12 +586,11 @@ def train_sft(model, tok, examples, args, out: Path, metrics_path: Path, phase: 
             rec = {"phase": phase, "epoch": epoch, "step": step, "lr": lr, "loss": loss.item()}
             if torch.isfinite(loss):
                 loss.backward()
-                rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
-                opt.step()
+                rec["grad_norm"] = common.optimizer_step(policy, args.clip)["grad_norm"]
             else:
                 rec["skipped"] = "non-finite loss"
                 tqdm.write(f"step {step}: non-finite loss, update skipped")
-            opt.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for name, roles in (("loss_decision", "d"), ("loss_recall", "r"), ("loss_eos", "e")):
                     m = role_mask(batch, roles, logprobs.shape[1]).to(device)
@@ -647,7 +645,7 @@ def write_report(out, args, source, selection, labels, examples, split, by_id, s
               f"{left} train/dev questions left out (no accepted sample); {ref} recall examples carry the reference "
               f"answer (no accepted sample). Composed questions are never trained on. Exact rows: `sft_data.jsonl`."]
 
-    ms = [json.loads(ln) for ln in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    ms = common.read_jsonl(metrics_path)
     sft = [m for m in ms if m.get("phase") == "sft"]
     if sft:
         first, last = sft[0], sft[-1]
@@ -771,7 +769,7 @@ def write_report(out, args, source, selection, labels, examples, split, by_id, s
             L += [f"- e (placebo, free): {fmt(acc_ci(e, seed), False)}; e - a {fmt(diff(e, a))}; c - e {fmt(diff(c, e))}",
                   f"- placebo threshold {placebo['tau']:.3f}; recall rate "
                   f"{np.mean([placebo['heldout'][q.id]['decision'] for q in qs]):.2f}"]
-    (out / "report.md").write_text("\n".join(L) + "\n")
+    common.write_report(out, L)
 
 
 # ----------------------------------------------------------------------------
@@ -779,50 +777,39 @@ def write_report(out, args, source, selection, labels, examples, split, by_id, s
 
 
 def main():
-    p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
+    p = common.add_common_args(common.ArgumentParser(description=__doc__.split("\n\n")[0]),
                                data="data/procedural.jsonl")
     p.add_argument("--library", nargs="+", default=None, help="Phase 1 library.json file(s)")
     p.add_argument("--lessons", choices=["library", "data"], default="library",
                    help="'data': also score the data's own lesson fields (a known-good library)")
     p.add_argument("--select", choices=["lower", "mean"], default="lower",
                    help="r* by the lower bound of A's 95%% interval (default) or by its mean")
-    p.add_argument("--holdout", type=float, default=0.25, help="share of each type held out for evaluation")
-    p.add_argument("--dev", type=float, default=0.2, help="share of the rest kept out of SFT to tune the threshold")
-    p.add_argument("--base-ok", type=float, default=0.75, help="base accuracy at which a question needs no recall")
-    p.add_argument("--samples", type=int, default=4, help="selection rollouts per question and arm")
-    p.add_argument("--eval-samples", type=int, default=3, help="evaluation samples per question and arm")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--answer-tokens", type=int, default=16)
-    p.add_argument("--recall-tokens", type=int, default=48, help="longest recall body sampled")
-    p.add_argument("--max-len", type=int, default=384, help="prompt + completion tokens per SFT row")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (bench/sweep_sft_lr.py: 3e-5 and 1e-4 forget)")
-    p.add_argument("--warmup", type=int, default=2, help="warmup steps")
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--holdout", type=common.open_unit, default=0.25, help="share of each type held out for evaluation")
+    p.add_argument("--dev", type=common.ranged(float, lambda v: 0 <= v < 1, "must be at least 0 and below 1"), default=0.2, help="share of the rest kept out of SFT to tune the threshold")
+    p.add_argument("--base-ok", type=common.probability, default=0.75, help="base accuracy at which a question needs no recall")
+    p.add_argument("--samples", type=common.at_least(1), default=4, help="selection rollouts per question and arm")
+    p.add_argument("--eval-samples", type=common.at_least(1), default=3, help="evaluation samples per question and arm")
+    p.add_argument("--temperature", type=common.positive, default=0.7)
+    p.add_argument("--answer-tokens", type=common.at_least(1), default=16)
+    p.add_argument("--recall-tokens", type=common.at_least(1), default=48, help="longest recall body sampled")
+    p.add_argument("--max-len", type=common.at_least(8), default=384, help="prompt + completion tokens per SFT row")
+    p.add_argument("--epochs", type=common.at_least(1), default=1)
+    p.add_argument("--batch-size", type=common.at_least(1), default=8)
+    p.add_argument("--lr", type=common.positive, default=1e-5, help="AdamW learning rate (bench/sweep_sft_lr.py: 3e-5 and 1e-4 forget)")
+    p.add_argument("--warmup", type=common.at_least(0), default=2, help="warmup steps")
+    p.add_argument("--clip", type=common.positive, default=1.0)
+    p.add_argument("--weight-decay", type=common.non_negative, default=0.0)
     p.add_argument("--train-answer", action="store_true", help="ablation: train the answer tokens too")
     p.add_argument("--train-embeddings", action="store_true", help="also train the (tied) embedding")
     p.add_argument("--placebo", action="store_true", help="arm e: the same SFT with the type -> lesson map shuffled")
-    p.add_argument("--fresh", type=int, default=1, help="fresh make_procedural instances per sub-type (0: none)")
-    p.add_argument("--fresh-seed", type=int, default=1, help="make_procedural seed of the fresh instances")
+    p.add_argument("--fresh", type=common.at_least(0), default=1, help="fresh make_procedural instances per sub-type (0: none)")
+    p.add_argument("--fresh-seed", type=common.at_least(0), default=1, help="make_procedural seed of the fresh instances")
     p.add_argument("--canary", default="data/obstetrics.jsonl", help="forgetting canary question file ('' : none)")
-    p.add_argument("--canary-questions", type=int, default=10, help="canary questions evaluated (spread over the file)")
-    p.add_argument("--compose-questions", type=int, default=8, help="composed questions evaluated")
+    p.add_argument("--canary-questions", type=common.at_least(0), default=10, help="canary questions evaluated (spread over the file)")
+    p.add_argument("--compose-questions", type=common.at_least(0), default=8, help="composed questions evaluated")
     args = p.parse_args()
 
-    # ---- every flag and input checked before anything is loaded or written
-    common.check_common_args(args)
-    common.check_open_interval(args, ["holdout"])
-    if not 0 <= args.dev < 1:
-        raise common.flag_error("dev", args.dev, "must be at least 0 and below 1")
-    common.check_prob(args, ["base_ok"])
-    common.check_at_least(args, ["samples", "eval_samples", "answer_tokens", "recall_tokens", "epochs", "batch_size"])
-    common.check_at_least(args, ["max_len"], 8)
-    common.check_at_least(args, ["warmup", "fresh", "canary_questions", "compose_questions", "fresh_seed"], 0)
-    common.check_positive(args, ["lr", "clip", "temperature"])
-    if args.weight_decay < 0:
-        raise common.flag_error("weight_decay", args.weight_decay, "must be 0 or more")
+    # ---- every input checked before anything is loaded or written (flag ranges: their argparse types)
     questions = common.load_questions(args.data)
     types = sorted({type_key(q) for q in questions})
     cands = {t: [] for t in types}

@@ -121,3 +121,56 @@ def bf16_rollouts(monkeypatch):
     monkeypatch.setattr(common, "load_model", load)
     monkeypatch.setattr(common, "sample", sample)
     return calls
+
+
+# ----------------------------------------------------------------------------
+# fault injection for the kill tests (it lives here, not in the engine)
+#
+# killing_cmd([python, script, *args], "point:k") runs the same command under a bootstrap that
+# wraps common.append_jsonl and os.replace, then SIGKILLs the process (no clean-up possible, as an
+# OOM killer or a power cut) at the k-th passage of the named point:
+#   after_metrics               just after a row was appended to a metrics.jsonl
+#   torn_jsonl                  half-way through writing a JSONL line (any file)
+#   checkpoint_between_renames  between save_checkpoint's checkpoint/ -> checkpoint.old/ rename and
+#                               the rename of the new folder into place
+
+KILL_BOOT = r"""
+import json, os, runpy, sys
+point, k = sys.argv[1].rsplit(":", 1)
+script = sys.argv[2]
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+import common
+seen = [0]
+
+def due():
+    seen[0] += 1
+    return seen[0] == int(k)
+
+def die():
+    sys.stdout.flush(); sys.stderr.flush(); os.kill(os.getpid(), 9)
+
+real_append, real_replace = common.append_jsonl, os.replace
+
+def append(path, record):
+    if point == "torn_jsonl" and due():
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line[:len(line) // 2]); f.flush()
+        die()
+    real_append(path, record)
+    if point == "after_metrics" and str(path).endswith("metrics.jsonl") and due():
+        die()
+
+def replace(src, dst):
+    real_replace(src, dst)
+    if point == "checkpoint_between_renames" and str(dst).endswith("checkpoint.old") and due():
+        die()
+
+common.append_jsonl, os.replace = append, replace
+sys.argv = sys.argv[2:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def killing_cmd(cmd: list[str], point: str) -> list[str]:
+    return [cmd[0], "-c", KILL_BOOT, point, *cmd[1:]]

@@ -37,7 +37,7 @@ BASE = {
 
 # (script, bad arguments, what the one line must name)
 CASES = [
-    ("bench/sweep_sft_lr.py", ["--lrs", "1e-4", "0"], "--lrs 0.0001 0: every lr must be greater than 0"),
+    ("bench/sweep_sft_lr.py", ["--lrs", "1e-4", "0"], "--lrs 0.0: must be a number greater than 0"),
     ("bench/sweep_sft_lr.py", [], "no config.json (not a finished sft_recall.py run)"),
     ("data/calibrate.py", ["--rollout-dtype", "fp8"], "--rollout-dtype fp8"),
     ("bench/bench_sft.py", ["--batch", "0"], "--batch 0"),

@@ -1,6 +1,5 @@
 """grpo_introspect.py: the advantage, the loss, the introspection mask, and a resumable run."""
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_model
+from conftest import killing_cmd, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 import common
@@ -103,14 +102,14 @@ def test_mask_and_lesson_agree_when_tokens_straddle_the_tags():
     # ">." closes the tag and is trained, so the closed lesson is kept, not dropped
     assert mask == [False] + [True] * (len(ids) - 1)
     s = common.Sample(0, " fire.<introspection>In Brill tesk means fire", ids, [0.0] * len(ids), "stop")
-    assert g.extract_introspection(tok, s) == "In Brill tesk means fire"
+    assert g.extract_introspection(tok, s.token_ids) == "In Brill tesk means fire"
 
 
 def test_a_tag_opened_twice_counts_from_the_last_opening_in_both_places():
     pieces = [" B", " <introspection>", "oops", " <introspection>", "real lesson", "</introspection>"]
     tok, ids = PieceTok(pieces), list(range(len(pieces)))
     s = common.Sample(0, "", ids, [0.0] * len(ids), "stop")
-    assert g.extract_introspection(tok, s) == "real lesson"
+    assert g.extract_introspection(tok, s.token_ids) == "real lesson"
     assert g.introspection_mask(tok, ids) == [False, False, False, True, True, True]
 
 
@@ -124,7 +123,7 @@ def test_mask_on_the_real_gemma_tokenizer(gemma):
     assert "<introspection>In Brill, tesk means fire.</introspection>" in trained
     assert not trained.startswith(" fire") and "fire." not in trained[:6]
     s = common.Sample(0, "", ids, [0.0] * len(ids), "stop")
-    assert g.extract_introspection(tok, s) == "In Brill, tesk means fire."
+    assert g.extract_introspection(tok, s.token_ids) == "In Brill, tesk means fire."
 
 
 def test_canary_alarm_fires_only_below_the_start():
@@ -141,9 +140,9 @@ def test_no_mask_without_an_introspection(tiny_tok):
 def test_extract_needs_a_closed_tag(tiny_tok):
     ids = tiny_tok(" C <introspection>rook first</introspection>", add_special_tokens=False).input_ids
     closed = common.Sample(0, " C <introspection>rook first", ids, [0.0] * len(ids), "stop")
-    assert g.extract_introspection(tiny_tok, closed) == "rook first"
+    assert g.extract_introspection(tiny_tok, closed.token_ids) == "rook first"
     cut = common.Sample(0, " C <introspection>rook fi", ids[:-8], [0.0] * (len(ids) - 8), "length")
-    assert g.extract_introspection(tiny_tok, cut) is None
+    assert g.extract_introspection(tiny_tok, cut.token_ids) is None
 
 
 @pytest.mark.parametrize("text, flagged", [
@@ -332,13 +331,13 @@ def test_run_writes_library_metrics_report_and_checkpoint(tiny_run_files, tmp_pa
     assert (out / "checkpoint" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("point", ["after_metrics:2", "checkpoint_between_renames:2", "torn_jsonl:3"])
+@pytest.mark.parametrize("point", ["after_metrics:2", "checkpoint_between_renames:1", "torn_jsonl:3"])
 def test_killed_run_resumes_without_loss_or_duplicates(tiny_run_files, tmp_path, point):
     """SIGKILL (no clean-up possible) between metrics and checkpoint, between the checkpoint's two
     renames, and mid-way through a metrics line; --resume then logs every step exactly once."""
     out = tmp_path / "run"
-    r = subprocess.run(run_cmd(tiny_run_files, out, "--steps", "4"), capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "INTROSPECT_CRASH": point})
+    r = subprocess.run(killing_cmd(run_cmd(tiny_run_files, out, "--steps", "4"), point), capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
     if point.startswith("checkpoint"):
         assert not (out / "checkpoint").exists() and (out / "checkpoint.old").exists()

@@ -157,8 +157,7 @@ def test_lm_head_check_catches_a_mismatch(tiny_tok, monkeypatch):
     apply), the check fails loudly."""
     from conftest import make_tiny_gemma
     model = make_tiny_gemma(len(tiny_tok), seed=1)
-    real = common._lm_head_logprobs
-    monkeypatch.setattr(common, "_lm_head_logprobs",
-                        lambda w, s, t, h, y, e: real(w, 1.0, t, h, y, e))
+    real = common._head_logprobs
+    monkeypatch.setattr(common, "_head_logprobs", lambda w, s, t, h: real(w, 1.0, t, h))
     with pytest.raises(common.UserError, match="differs from model"):
         common.check_lm_head(model)

@@ -42,8 +42,28 @@ def test_mcq_extraction(completion, reward):
 
 def test_an_article_after_answer_is_is_not_an_option_letter():
     q = Question("q", "c", "?", "B", "mcq", choices=["water", "stone", "fire"])
-    assert verify(q, " The answer is a stone.")[1] == "expected B, no option letter found"
+    assert verify(q, " The answer is a.")[1] == "expected B, no option letter found"
     assert verify(q, " The answer is B, stone.")[0] == 1.0
+
+
+def test_one_choice_text_anywhere_in_the_answer_is_read_as_that_choice():
+    q = Question("q", "c", "?", "B", "mcq", choices=["water", "stone", "fire"])
+    assert verify(q, " The answer is a stone.") == (1.0, "correct: B")
+    assert verify(q, " I would say Stone, surely") == (1.0, "correct: B")
+    assert verify(q, " The answer is a fire.") == (0.0, "expected B, got C")
+
+
+def test_two_choice_texts_or_a_letter_against_the_text_is_wrong():
+    q = Question("q", "c", "?", "B", "mcq", choices=["water", "stone", "fire"])
+    assert verify(q, " It could be stone or fire.") == (0.0, "expected B, names options B and C")
+    assert verify(q, " A) stone")[0] == 0.0                         # letter A, but the text names B only
+    assert verify(q, " A) stone")[1] == "expected B, letter A but the text names option B"
+    assert verify(q, " B) stone, not water")[0] == 1.0              # the letter's own text is named too
+
+
+def test_a_choice_inside_a_longer_choice_is_not_named():
+    q = Question("q", "c", "?", "B", "mcq", choices=["red", "dark red", "blue"])
+    assert verify(q, " It is dark red.") == (1.0, "correct: B")
 
 
 def test_with_a_cue_only_the_first_line_is_read():
