@@ -10,7 +10,6 @@ update or not) can differ; the table prints it beside the time.
     python bench/bench_grpo_step.py                    # embedded Gemma, step 0, 3 repeats
     python bench/bench_grpo_step.py --steps 2 --repeats 1
 """
-import argparse
 import json
 import os
 import statistics
@@ -28,18 +27,15 @@ def spread(xs, fmt=".1f"):
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = common.ArgumentParser()
     p.add_argument("--model", default="gemma")
     p.add_argument("--data", default="data/procedural.jsonl")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    p.add_argument("--steps", type=int, default=1, help="steps per run (each step timed)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtypes", nargs="+", type=common.ranged(str, lambda v: v in common.DTYPE_NAMES,
+                   f"expected one of {', '.join(common.DTYPE_NAMES)}", "a dtype name"), default=["float32", "bfloat16"])
+    p.add_argument("--steps", type=common.at_least(1), default=1, help="steps per run (each step timed)")
+    p.add_argument("--repeats", type=common.at_least(1), default=3)
     p.add_argument("--out", default=None, help="keep the run folders here (default: a temporary folder)")
     args = p.parse_args()
-    common.check_at_least(args, ["steps", "repeats"])
-    for dt in args.dtypes:
-        if dt not in common.DTYPE_NAMES:
-            raise common.flag_error("dtypes", dt, f"expected one of {', '.join(common.DTYPE_NAMES)}")
     times = {dt: [] for dt in args.dtypes}          # per repeat: total seconds of the timed steps
     work = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,19 +31,17 @@ def current_mb(device):
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = common.ArgumentParser()
     p.add_argument("--model", default="gemma")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", type=common.device_name, default=None)
+    p.add_argument("--dtype", choices=list(common.DTYPE_NAMES), default=None)
     p.add_argument("--data", default="data/procedural.jsonl")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--N", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--steps", type=common.at_least(1), default=20)
+    p.add_argument("--N", type=common.at_least(1), default=4)
+    p.add_argument("--max-new-tokens", type=common.at_least(1), default=48)
     p.add_argument("--fixed-length", action=argparse.BooleanOptionalAction, default=True,
                    help="force every rollout to --max-new-tokens (default) or let them stop as in training")
     args = p.parse_args()
-    common.check_device(args.device)
-    common.check_at_least(args, ["steps", "N", "max_new_tokens"], 1)
     if not os.path.exists(args.data):
         raise common.UserError(f"--data {args.data}: no such data file")
     model, tok = common.load_model(args.model, args.device, args.dtype)

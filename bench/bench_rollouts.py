@@ -9,7 +9,6 @@ fp32 at the same N (a ratio within one repeat, then its median [min, max]).
     python bench/bench_rollouts.py                          # CPU, N = 1 2 4 8 16 32 64 128, fp32 and bf16
     python bench/bench_rollouts.py --device cuda --new-tokens 128
 """
-import argparse
 import os
 import platform
 import statistics
@@ -28,22 +27,17 @@ def spread(xs, fmt=".2f"):
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = common.ArgumentParser()
     p.add_argument("--model", default="gemma")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="rollout dtypes to time")
+    p.add_argument("--device", type=common.device_name, default=None)
+    p.add_argument("--dtypes", nargs="+", type=common.ranged(str, lambda v: v in common.DTYPE_NAMES,
+                   f"expected one of {', '.join(common.DTYPE_NAMES)}", "a dtype name"),
+                   default=["float32", "bfloat16"], help="rollout dtypes to time")
     p.add_argument("--data", default="data/procedural.jsonl")
-    p.add_argument("--N", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median, min, max)")
+    p.add_argument("--N", type=common.at_least(1), nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
+    p.add_argument("--new-tokens", type=common.at_least(1), default=32)
+    p.add_argument("--repeats", type=common.at_least(1), default=3, help="timed runs per setting (median, min, max)")
     args = p.parse_args()
-    common.check_device(args.device)
-    common.check_at_least(args, ["new_tokens", "repeats"])
-    if min(args.N) < 1:
-        raise common.flag_error("N", min(args.N), "must be at least 1")
-    for dt in args.dtypes:
-        if dt not in common.DTYPE_NAMES:
-            raise common.flag_error("dtypes", dt, f"expected one of {', '.join(common.DTYPE_NAMES)}")
     model, tok = common.load_model(args.model, args.device, "float32")
     models = {dt: common.rollout_copy(model, dt) for dt in args.dtypes}
     dev = next(model.parameters()).device

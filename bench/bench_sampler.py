@@ -13,7 +13,6 @@ bf16 sampler with HF generate in bf16 (like for like) and in fp32 (what a user g
     python bench/bench_sampler.py                      # embedded Gemma, n = 1 8 16 32, fp32 and bf16
     python bench/bench_sampler.py --n 16 --top-p 0.95  # one setting
 """
-import argparse
 import os
 import platform
 import statistics
@@ -35,23 +34,18 @@ def spread(xs, fmt=".1f"):
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = common.ArgumentParser()
     p.add_argument("--model", default="gemma")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="rollout dtypes to time")
-    p.add_argument("--n", type=int, nargs="+", default=[1, 8, 16, 32])
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median, min, max)")
+    p.add_argument("--device", type=common.device_name, default=None)
+    p.add_argument("--dtypes", nargs="+", type=common.ranged(str, lambda v: v in common.DTYPE_NAMES,
+                   f"expected one of {', '.join(common.DTYPE_NAMES)}", "a dtype name"),
+                   default=["float32", "bfloat16"], help="rollout dtypes to time")
+    p.add_argument("--n", type=common.at_least(1), nargs="+", default=[1, 8, 16, 32])
+    p.add_argument("--new-tokens", type=common.at_least(1), default=64)
+    p.add_argument("--temperature", type=common.positive, default=1.0)
+    p.add_argument("--top-p", type=common.probability, default=1.0)
+    p.add_argument("--repeats", type=common.at_least(1), default=3, help="timed runs per setting (median, min, max)")
     args = p.parse_args()
-    common.check_device(args.device)
-    common.check_at_least(args, ["new_tokens", "repeats"])
-    if min(args.n) < 1:
-        raise common.flag_error("n", min(args.n), "must be at least 1")
-    for dt in args.dtypes:
-        if dt not in common.DTYPE_NAMES:
-            raise common.flag_error("dtypes", dt, f"expected one of {', '.join(common.DTYPE_NAMES)}")
 
     model, tok = common.load_model(args.model, args.device, "float32")
     models = {dt: common.rollout_copy(model, dt) for dt in args.dtypes}

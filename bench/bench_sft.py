@@ -13,7 +13,6 @@ time ratio no more than 1.1.
     python bench/bench_sft.py                        # embedded Gemma, 8 x 256 tokens, CPU
     python bench/bench_sft.py --device cuda --repeats 5
 """
-import argparse
 import os
 import platform
 import statistics
@@ -64,18 +63,17 @@ def step_hf(model, prompt_ids, comp_ids, pad_id):
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = common.ArgumentParser()
     p.add_argument("--model", default="gemma")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=256, help="tokens per row (prompt + completion)")
-    p.add_argument("--trained", type=int, default=64, help="trained (completion) tokens per row")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", type=common.device_name, default=None)
+    p.add_argument("--dtype", choices=list(common.DTYPE_NAMES), default=None)
+    p.add_argument("--batch", type=common.at_least(1), default=8)
+    p.add_argument("--tokens", type=int, default=256, help="tokens per row (prompt + completion); at least --trained + 1")
+    p.add_argument("--trained", type=common.at_least(1), default=64, help="trained (completion) tokens per row")
+    p.add_argument("--repeats", type=common.at_least(1), default=3)
     args = p.parse_args()
-    common.check_device(args.device)
-    common.check_at_least(args, ["batch", "trained", "repeats"], 1)
-    common.check_at_least(args, ["tokens"], args.trained + 1)
+    if args.tokens < args.trained + 1:                    # at least one prompt token before the trained ones
+        raise common.flag_error("tokens", args.tokens, f"must be at least {args.trained + 1}")
     model, tok = common.load_model(args.model, args.device, args.dtype)
     dev = next(model.parameters()).device
     model.get_input_embeddings().weight.requires_grad_(False)   # as sft_recall.py trains by default

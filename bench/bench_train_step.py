@@ -187,26 +187,22 @@ def one_step_trl(args) -> dict:
 
 
 def main():
-    p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
+    p = common.add_common_args(common.ArgumentParser(description=__doc__.split("\n\n")[0]),
                                data=str(ROOT / "data" / "procedural.jsonl"))
     p.add_argument("--methods", default="grpo,sdpo,pmd")
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)      # the subprocess's one step (or TRL's)
-    p.add_argument("--B", type=int, default=2)
-    p.add_argument("--G", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--min-new-tokens", type=int, default=0, help="force this many tokens (fixed shapes; also drops the stop string)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed one (TRL's: always 1)")
+    p.add_argument("--B", type=common.at_least(1), default=2)
+    p.add_argument("--G", type=common.at_least(1), default=8)
+    p.add_argument("--max-new-tokens", type=common.at_least(1), default=16)
+    p.add_argument("--min-new-tokens", type=common.at_least(0), default=0, help="force this many tokens (fixed shapes; also drops the stop string)")
+    p.add_argument("--temperature", type=common.positive, default=0.7)
+    p.add_argument("--micro-batch", type=common.at_least(1), default=4)
+    p.add_argument("--repeats", type=common.at_least(1), default=3)
+    p.add_argument("--warmup", type=common.at_least(0), default=1, help="untimed steps before the timed one (TRL's: always 1)")
     p.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer (needs trl, see --trl-python)")
     p.add_argument("--trl-python", default=sys.executable, help="the interpreter that has trl installed")
     p.add_argument("--trl-dir", default="/tmp/bench_trl", help=argparse.SUPPRESS)
     args = p.parse_args()
-    common.check_common_args(args)
-    common.check_at_least(args, ["B", "G", "max_new_tokens", "micro_batch", "repeats"])
-    common.check_at_least(args, ["min_new_tokens", "warmup"], 0)
-    common.check_positive(args, ["temperature"])
     bad = [m for m in args.methods.split(",") if m not in pmd.METHODS]
     if bad:
         raise common.flag_error("methods", args.methods, f"unknown method {bad[0]!r}; choose from {', '.join(pmd.METHODS)}")

@@ -19,7 +19,6 @@ The rule, fixed before looking: among the lrs whose canary change interval does 
 
     python bench/sweep_sft_lr.py --run runs/sft-default --lrs 1e-5 3e-5 1e-4 3e-4
 """
-import argparse
 import json
 import os
 import sys
@@ -51,13 +50,11 @@ def dev_loss(model, tok, rows, args) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a finished sft_recall.py run folder")
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4])
+    p.add_argument("--lrs", type=common.positive, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4])
     p.add_argument("--out", default=None, help="where sweep.json and sweep.md go (default: the run folder)")
     a = p.parse_args()
-    if any(not (lr > 0) for lr in a.lrs):
-        raise common.flag_error("lrs", " ".join(f"{x:g}" for x in a.lrs), "every lr must be greater than 0")
     run = Path(a.run)
     for f in ("config.json", "selection.json", "labels.json", "sft_data.jsonl", "eval_base.json"):
         if not (run / f).exists():

@@ -16,7 +16,6 @@ lies wholly above the base arm's; `weak` when only the oracle advantage's interv
 
     python data/calibrate.py --data data/procedural.jsonl data/obstetrics.jsonl --samples 8     # as data/calibration.md (16 before 2026-12-02)
 """
-import argparse
 import os
 import platform
 import sys
@@ -82,24 +81,23 @@ def fmt(x, signed=False):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma", help="'gemma' (embedded, offline) or a local HF folder / hub id")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", type=common.device_name, default=None)
+    p.add_argument("--dtype", choices=list(common.DTYPE_NAMES), default=None)
     p.add_argument("--rollout-dtype", default=None,
+                   type=common.ranged(str, lambda v: v == "auto" or v in common.DTYPE_NAMES,
+                                      f"expected auto or one of {', '.join(common.DTYPE_NAMES)}", "a dtype name"),
                    help="dtype to sample in: auto (default: bfloat16 on CUDA and on CPUs with native bf16, "
                         "else the weights' dtype) | float32 | bfloat16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=common.at_least(0), default=0)
     p.add_argument("--data", nargs="+", default=["data/procedural.jsonl", "data/obstetrics.jsonl"])
-    p.add_argument("--samples", type=int, default=16, help="samples per question and arm")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--samples", type=common.at_least(1), default=16, help="samples per question and arm")
+    p.add_argument("--temperature", type=common.positive, default=0.7)
+    p.add_argument("--max-new-tokens", type=common.at_least(1), default=16)
+    p.add_argument("--bootstrap", type=common.at_least(1), default=2000)
     p.add_argument("--report", default="data/calibration.md")
     args = p.parse_args()
-    common.check_common_args(args)
-    common.check_at_least(args, ["samples", "max_new_tokens", "bootstrap"], 1)
-    common.check_positive(args, ["temperature"])
     sets = {path: common.load_questions(path) for path in args.data}   # bad data fails before the model
     model, tok = common.load_model(args.model, args.device, args.dtype)
     model = common.rollout_copy(model, args.rollout_dtype)       # nothing is trained: sample from the copy only

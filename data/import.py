@@ -40,7 +40,6 @@ replaces --out).
     python data/import.py my.csv --format columns --out data/my.jsonl \
         --map "question=stem,choices=a|b|c|d,answer=key,cluster=topic"
 """
-import argparse
 import ast
 import csv
 import io
@@ -450,19 +449,17 @@ def parse_map(s):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("file", help="the benchmark file (.jsonl, .json, .csv, .tsv)")
     p.add_argument("--format", required=True, choices=list(FORMATS))
     p.add_argument("--out", required=True, help="the question file to write (JSONL)")
     p.add_argument("--map", default=None, help="--format columns: question=Q,choices=A|B|C|D,answer=ans,cluster=topic")
     p.add_argument("--cluster-field", default=None, help="take each question's cluster from this field")
-    p.add_argument("--limit", type=int, default=None, help="keep at most this many questions, drawn at random")
-    p.add_argument("--seed", type=int, default=0, help="which random questions --limit keeps")
+    p.add_argument("--limit", type=common.at_least(2), default=None,       # a cluster needs Q and Q'
+                   help="keep at most this many questions, drawn at random")
+    p.add_argument("--seed", type=common.at_least(0), default=0, help="which random questions --limit keeps")
     p.add_argument("--strict", action="store_true", help="stop at the first row that cannot be converted")
     args = p.parse_args()
-    common.check_at_least(args, ["limit"], 2)             # a cluster needs Q and Q'
-    if args.seed < 0:
-        raise common.flag_error("seed", args.seed, "must be 0 or more")
     mapping = {}
     if args.format == "columns":
         if not args.map:

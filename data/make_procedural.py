@@ -20,7 +20,6 @@ expected to apply those lessons.
     python data/make_procedural.py                          # writes data/procedural.jsonl
     python data/make_procedural.py --per-subtype 100 --seed 1 --out /tmp/more.jsonl
 """
-import argparse
 import json
 import random
 import sys
@@ -177,14 +176,11 @@ def generate(per_subtype: int, seed: int) -> list[dict]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--per-subtype", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--per-subtype", type=common.at_least(2), default=16)      # every sub-type needs a Q' != Q
+    p.add_argument("--seed", type=common.at_least(0), default=0)
     p.add_argument("--out", default=str(Path(__file__).with_name("procedural.jsonl")))
     args = p.parse_args()
-    common.check_at_least(args, ["per_subtype"], 2)      # every sub-type needs a Q' != Q
-    if args.seed < 0:
-        raise common.flag_error("seed", args.seed, "must be 0 or more")
     rows = generate(args.per_subtype, args.seed)
     common.atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} questions to {args.out}")
