@@ -572,15 +572,16 @@ def _finish(tok, st, prompt_ids, n) -> list[Sample]:
 
 
 # ---- log-probs
-# Per-token log-probs of given completions, memory-safe at a 262k vocabulary: the decoder runs once,
-# and the LM head + fp32 log-softmax run only at completion positions, `chunk` at a time, each chunk
+# Per-token log-probs of given completions, memory-safe at a 262k vocabulary: the decoder runs once
+# (each shared prompt once: _completion_hidden_shared), and the LM head + fp32 log-softmax run only at completion positions, `chunk` at a time, each chunk
 # under checkpointing, so (B, T, V) logits never exist. The mask is by position, never by token id,
 # so an EOS equal to the pad id is still trained. Score at the sampler's temperature.
 
 
-def _completion_hidden(model, prompt_ids, completion_ids, pad_id):
-    """Final hidden states at the positions that predict each completion token: h (N, H), and the
-    (row, completion index) of each h row, slot_b and slot_j (N,), row-major."""
+def _completion_hidden_unshared(model, prompt_ids, completion_ids, pad_id):
+    """Final hidden states at the positions that predict each completion token, one right-padded
+    prompt + completion row per completion: every row runs its whole prompt through the decoder.
+    Returns h (N, H) row-major over (row b, completion index j), and slot_b, slot_j (N,) on the CPU."""
     device = next(model.parameters()).device
     B = len(prompt_ids)
     lens = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
@@ -589,8 +590,6 @@ def _completion_hidden(model, prompt_ids, completion_ids, pad_id):
     attn = torch.zeros((B, T), dtype=torch.long)
     b_idx, t_idx = [], []
     for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        if not p:
-            raise ValueError("every prompt needs at least one token (BOS) to predict the first completion token")
         ids[b, :lens[b]] = torch.tensor(list(p) + list(c))
         attn[b, :lens[b]] = 1
         b_idx += [b] * len(c)
@@ -598,9 +597,126 @@ def _completion_hidden(model, prompt_ids, completion_ids, pad_id):
     pos = torch.arange(T).expand(B, T)
     hidden = model.base_model(input_ids=ids.to(device), attention_mask=attn.to(device),
                               position_ids=pos.to(device), use_cache=False).last_hidden_state
-    h = hidden[torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device)]   # (N, H)
-    slot_j = [j for c in completion_ids for j in range(len(c))]
-    return h, torch.tensor(b_idx, dtype=torch.long), torch.tensor(slot_j, dtype=torch.long)
+    h = hidden[torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device)]  # (N, H)
+    return h, torch.tensor(b_idx, dtype=torch.long), _slot_j(completion_ids)
+
+
+def _slot_j(completion_ids):
+    return torch.cat([torch.arange(len(c)) for c in completion_ids] + [torch.zeros(0, dtype=torch.long)])
+
+
+# Shared prompts. A group's G rows share one prompt, so the shared path packs each group into ONE
+# sequence, [prompt, c_1[:-1], ..., c_G[:-1]], where completion i attends to the prompt and causally
+# to itself only, at the position ids it has in its own row (they restart at len(prompt) for each
+# completion). Why the result is the unshared one exactly: under a causal mask a prompt position's
+# hidden states and keys/values do not depend on anything after it, so they are the same in every
+# row of the group, and each completion token sees the same keys, values and positions as in its
+# own row (the sliding-window mask is built from position distances, as HF builds it). The
+# gradient is too: the unshared prompt gradient is the sum of G identical-input rows' gradients,
+# and here the one prompt copy's hidden states feed all G completions, so autograd sums the G
+# contributions into it (the last prompt position, which predicts every c_i[0], is gathered G
+# times and the gather's backward adds them). The prompt's decoder work runs once per group.
+
+
+def _packed_mask_format(model):
+    """How this model takes an explicit packed mask: (layer types to mask, window, bool or additive),
+    or None where the packed path cannot be trusted (then the unshared path runs)."""
+    cfg = model.config
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager") or getattr(cfg, "use_bidirectional_attention", False):
+        return None    # flash/flex kernels ignore a dense 4D mask
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    window = getattr(cfg, "sliding_window", None)
+    if not kinds <= {"full_attention", "sliding_attention"} or ("sliding_attention" in kinds) != (window is not None):
+        return None    # chunked / linear attention, or a window the layer types do not say where
+    if "sliding_attention" in kinds and not getattr(cfg, "use_sliding_window", True):
+        kinds = {"full_attention"}
+    return kinds, window, impl == "sdpa"
+
+
+def _pack_groups(prompt_ids, completion_ids, groups):
+    """One packed sequence per group; returns ids, position ids and segments (0 = prompt,
+    i + 1 = completion i, -1 = padding), each (S, T), and for every (b, j) in row-major order
+    the (sequence, index) whose hidden state predicts completion_ids[b][j]."""
+    seqs, where = [], {}
+    for s, rows in enumerate(groups):
+        p = list(prompt_ids[rows[0]])
+        ids, pos, seg = p[:], list(range(len(p))), [0] * len(p)
+        for i, b in enumerate(rows):
+            c = list(completion_ids[b])
+            # c[0] is predicted by the last prompt position, c[j] by c[j - 1]
+            where[b] = ([len(p) - 1] + list(range(len(ids), len(ids) + len(c) - 1)))[:len(c)]
+            ids += c[:-1]
+            pos += range(len(p), len(p) + len(c) - 1)
+            seg += [i + 1] * (len(c) - 1)
+        seqs.append((ids, pos, seg))
+    T = max(len(x[0]) for x in seqs)
+    out = [torch.full((len(seqs), T), fill) for fill in (0, 0, -1)]
+    for s, seq in enumerate(seqs):
+        for t, vals in zip(out, seq):
+            t[s, :len(vals)] = torch.tensor(vals, dtype=torch.long)
+    group_of = {b: s for s, rows in enumerate(groups) for b in rows}
+    s_idx = [group_of[b] for b in range(len(completion_ids)) for _ in where[b]]
+    t_idx = [t for b in range(len(completion_ids)) for t in where[b]]
+    return (*out, torch.tensor(s_idx, dtype=torch.long), torch.tensor(t_idx, dtype=torch.long))
+
+
+def _packed_masks(pos, seg, fmt, dtype):
+    """The attention masks of packed sequences, (S, 1, T, T), as the decoder takes them: a dict by
+    layer type where the model has sliding layers (HF models with sliding layers take one), else
+    one tensor. A padding position attends to itself only, so no softmax row is empty (NaN)."""
+    kinds, window, as_bool = fmt
+    T = pos.shape[1]
+    i = torch.arange(T, device=pos.device)
+    real = seg >= 0
+    allowed = ((i[:, None] >= i[None, :])                                  # causal in packed order
+               & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))  # prompt or own completion
+               & real[:, None, :] & real[:, :, None]) | torch.eye(T, dtype=torch.bool, device=pos.device)
+    masks = {"full_attention": allowed[:, None]}
+    if "sliding_attention" in kinds:
+        near = (pos[:, :, None] - pos[:, None, :]) < window                # HF: kv > q - window
+        masks["sliding_attention"] = (allowed & (near | ~real[:, :, None]))[:, None]
+    if not as_bool:    # eager attention adds the mask to the scores
+        masks = {k: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+                 for k, m in masks.items()}
+    return masks if "sliding_attention" in kinds else masks["full_attention"]
+
+
+def _completion_hidden_shared(model, prompt_ids, completion_ids, pad_id):
+    """As _completion_hidden_unshared, but each distinct prompt runs through the decoder once,
+    packed with its group's completions (see the comment above): same h, slot_b, slot_j."""
+    p = next(model.parameters())
+    groups = _prompt_groups(prompt_ids)
+    ids, pos, seg, s_idx, t_idx = _pack_groups(prompt_ids, completion_ids, groups)
+    ids[seg < 0] = pad_id
+    pos, seg = pos.to(p.device), seg.to(p.device)
+    masks = _packed_masks(pos, seg, _packed_mask_format(model), p.dtype)
+    hidden = model.base_model(input_ids=ids.to(p.device), attention_mask=masks, position_ids=pos,
+                              use_cache=False).last_hidden_state                       # (S, T, H)
+    h = hidden[s_idx.to(p.device), t_idx.to(p.device)]                                 # (N, H)
+    slot_b = torch.cat([torch.full((len(c),), b, dtype=torch.long) for b, c in enumerate(completion_ids)]
+                       + [torch.zeros(0, dtype=torch.long)])
+    return h, slot_b, _slot_j(completion_ids)
+
+
+def _prompt_groups(prompt_ids) -> list[list[int]]:
+    """Row indices grouped by identical prompt ids, in order of first appearance."""
+    groups = {}
+    for b, p in enumerate(prompt_ids):
+        groups.setdefault(tuple(p), []).append(b)
+    return list(groups.values())
+
+
+def _completion_hidden(model, prompt_ids, completion_ids, pad_id, share_prompts=True):
+    """Final hidden states (N, H) at the positions that predict each completion token, with their
+    (row, completion index) slots. Runs each shared prompt once when some prompt is shared by two
+    or more rows and the model takes a packed mask; else one full row per completion."""
+    if any(not p for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (BOS) to predict the first completion token")
+    shared = len(_prompt_groups(prompt_ids)) < len(prompt_ids)
+    if share_prompts and shared and _packed_mask_format(model) is not None:
+        return _completion_hidden_shared(model, prompt_ids, completion_ids, pad_id)
+    return _completion_hidden_unshared(model, prompt_ids, completion_ids, pad_id)
 
 
 def _head_logprobs(weight, softcap, temperature, h):
@@ -628,8 +744,9 @@ def _head_chunk(weight, softcap, temperature, h, y, extra, own_k, teacher_k):
 def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                    temperature: float = 1.0, chunk: int = 256, top_k: int = 0,
                    extra_ids: torch.Tensor | None = None, pad_id: int = 0,
-                   student_top_k: int = 0) -> dict:
-    """Per-token log-probs of completions after prompts; with grad if grad is enabled.
+                   student_top_k: int = 0, share_prompts: bool = True) -> dict:
+    """Per-token log-probs of completions after prompts; with grad if grad is enabled. Rows that
+    share a prompt (a GRPO group) run it through the decoder once (share_prompts=False: never).
 
     Returns logprobs (B, Tc) and mask (B, Tc) bool (Tc: the longest completion), and as asked:
       top_k=k:          topk_logprobs, topk_ids (B, Tc, k), no grad (a teacher's own top-k);
@@ -640,7 +757,7 @@ def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list
                          f"divided by it. Train at the temperature the rollouts were sampled at.")
     if student_top_k and extra_ids is not None:
         raise ValueError("student_top_k and extra_ids are separate paths: score the student and the teacher in two calls")
-    h, slot_b, slot_j = _completion_hidden(model, prompt_ids, completion_ids, pad_id)
+    h, slot_b, slot_j = _completion_hidden(model, prompt_ids, completion_ids, pad_id, share_prompts)
     device = h.device
     y = torch.tensor([t for c in completion_ids for t in c], dtype=torch.long, device=device)   # (N,)
     ex = extra_ids[slot_b, slot_j].to(device) if extra_ids is not None else None                # (N, k)
