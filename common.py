@@ -67,11 +67,12 @@ def embedded_gguf(name: str) -> Path:
     import importlib
     import importlib.util
     module, install, gguf, _, _ = EMBEDDED[name]
-    if importlib.util.find_spec(module) is None:
+    spec = importlib.util.find_spec(module)            # finds the package without importing it
+    if spec is None:
         raise UserError(f"--model {name} needs the PyPI package {module.replace('_', '-')} ({install})")
     if gguf is None:
         return Path(importlib.import_module(module).assemble())
-    return Path(importlib.util.find_spec(module).submodule_search_locations[0]) / gguf
+    return Path(spec.submodule_search_locations[0]) / gguf
 
 
 def embedded_dir(name: str) -> Path:
@@ -81,13 +82,14 @@ def embedded_dir(name: str) -> Path:
     model from the config with quantization_config removed and load the dequantised weights into
     it; and loading the GGUF costs ~40 s, so this runs once and later calls load the folder (~3 s).
     """
-    out = cache_dir() / EMBEDDED[name][3]
+    *_, folder, what = EMBEDDED[name]
+    out = cache_dir() / folder
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     gguf = embedded_gguf(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     t0 = time.time()
-    print(f"converting the embedded {EMBEDDED[name][4]} to {out} (once, ~40 s)...", file=sys.stderr)
+    print(f"converting the embedded {what} to {out} (once, ~40 s)...", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = gmodel.config
@@ -113,6 +115,7 @@ def embedded_dir(name: str) -> Path:
 
 
 def gemma_dir() -> Path:
+    """The embedded Gemma's folder (the name older code and tests use)."""
     return embedded_dir("gemma")
 
 
@@ -659,12 +662,47 @@ def _packed_mask_format(model):
     return kinds, window, impl == "sdpa"
 
 
-def _pack_groups(prompt_ids, completion_ids, groups):
-    """One packed sequence per group; returns ids, position ids and segments (0 = prompt,
-    i + 1 = completion i, -1 = padding), each (S, T), and for every (b, j) in row-major order
+def _prompt_groups(prompt_ids) -> list[list[int]]:
+    """Row indices grouped by identical prompt ids, in order of first appearance."""
+    groups = {}
+    for b, p in enumerate(prompt_ids):
+        groups.setdefault(tuple(p), []).append(b)
+    return list(groups.values())
+
+
+# The packed path's attention is dense over the whole packed sequence, masked: its cost grows with
+# the square of prompt + all the group's completions, while what it saves grows linearly. By FLOP
+# count, on Gemma 3 270M a token's linear layers cost about as much as attending to ~2,700 others,
+# so past a couple of thousand packed tokens a second copy of the prompt is the cheaper way; the
+# cap also bounds the (T, T) masks.
+PACK_TOKENS = 2048
+
+
+def _packs(prompt_ids, completion_ids, cap=None) -> list[list[int]]:
+    """Each group of rows sharing a prompt, split in order into packs of at most `cap` packed
+    tokens (prompt + completions but their last token); a pack holds at least one row."""
+    cap = PACK_TOKENS if cap is None else cap
+    packs = []
+    for rows in _prompt_groups(prompt_ids):
+        packs.append([])
+        n = len(prompt_ids[rows[0]])
+        for b in rows:
+            extra = max(len(completion_ids[b]) - 1, 0)
+            if packs[-1] and n + extra > cap:
+                packs.append([])
+                n = len(prompt_ids[b])
+            packs[-1].append(b)
+            n += extra
+    return packs
+
+
+def _pack_groups(prompt_ids, completion_ids, packs):
+    """One packed sequence per pack of rows sharing a prompt; returns ids, position ids and
+    segments (0 = prompt, i + 1 = completion i, -1 = padding), each (S, T), and for every (b, j)
+    in row-major order
     the (sequence, index) whose hidden state predicts completion_ids[b][j]."""
     seqs, where = [], {}
-    for s, rows in enumerate(groups):
+    for s, rows in enumerate(packs):
         p = list(prompt_ids[rows[0]])
         ids, pos, seg = p[:], list(range(len(p))), [0] * len(p)
         for i, b in enumerate(rows):
@@ -680,8 +718,8 @@ def _pack_groups(prompt_ids, completion_ids, groups):
     for s, seq in enumerate(seqs):
         for t, vals in zip(out, seq):
             t[s, :len(vals)] = torch.tensor(vals, dtype=torch.long)
-    group_of = {b: s for s, rows in enumerate(groups) for b in rows}
-    s_idx = [group_of[b] for b in range(len(completion_ids)) for _ in where[b]]
+    pack_of = {b: s for s, rows in enumerate(packs) for b in rows}
+    s_idx = [pack_of[b] for b in range(len(completion_ids)) for _ in where[b]]
     t_idx = [t for b in range(len(completion_ids)) for t in where[b]]
     return (*out, torch.tensor(s_idx, dtype=torch.long), torch.tensor(t_idx, dtype=torch.long))
 
@@ -700,7 +738,7 @@ def _packed_masks(pos, seg, fmt, dtype):
     masks = {"full_attention": allowed[:, None]}
     if "sliding_attention" in kinds:
         near = (pos[:, :, None] - pos[:, None, :]) < window                # HF: kv > q - window
-        masks["sliding_attention"] = (allowed & (near | ~real[:, :, None]))[:, None]
+        masks["sliding_attention"] = (allowed & near)[:, None]
     if not as_bool:    # eager attention adds the mask to the scores
         masks = {k: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
                  for k, m in masks.items()}
@@ -711,8 +749,7 @@ def _completion_hidden_shared(model, prompt_ids, completion_ids, pad_id):
     """As _completion_hidden_unshared, but each distinct prompt runs through the decoder once,
     packed with its group's completions (see the comment above): same h, slot_b, slot_j."""
     p = next(model.parameters())
-    groups = _prompt_groups(prompt_ids)
-    ids, pos, seg, s_idx, t_idx = _pack_groups(prompt_ids, completion_ids, groups)
+    ids, pos, seg, s_idx, t_idx = _pack_groups(prompt_ids, completion_ids, _packs(prompt_ids, completion_ids))
     ids[seg < 0] = pad_id
     pos, seg = pos.to(p.device), seg.to(p.device)
     masks = _packed_masks(pos, seg, _packed_mask_format(model), p.dtype)
@@ -724,21 +761,13 @@ def _completion_hidden_shared(model, prompt_ids, completion_ids, pad_id):
     return h, slot_b, _slot_j(completion_ids)
 
 
-def _prompt_groups(prompt_ids) -> list[list[int]]:
-    """Row indices grouped by identical prompt ids, in order of first appearance."""
-    groups = {}
-    for b, p in enumerate(prompt_ids):
-        groups.setdefault(tuple(p), []).append(b)
-    return list(groups.values())
-
-
 def _completion_hidden(model, prompt_ids, completion_ids, pad_id, share_prompts=True):
     """Final hidden states (N, H) at the positions that predict each completion token, with their
     (row, completion index) slots. Runs each shared prompt once when some prompt is shared by two
     or more rows and the model takes a packed mask; else one full row per completion."""
     if any(not p for p in prompt_ids):
         raise ValueError("every prompt needs at least one token (BOS) to predict the first completion token")
-    shared = len(_prompt_groups(prompt_ids)) < len(prompt_ids)
+    shared = len(_packs(prompt_ids, completion_ids)) < len(prompt_ids)
     if share_prompts and shared and _packed_mask_format(model) is not None:
         return _completion_hidden_shared(model, prompt_ids, completion_ids, pad_id)
     return _completion_hidden_unshared(model, prompt_ids, completion_ids, pad_id)
@@ -1709,7 +1738,8 @@ def check_device(device: str | None) -> None:
 
 
 def add_common_args(p: argparse.ArgumentParser, data: str | None = None) -> argparse.ArgumentParser:
-    p.add_argument("--model", default="gemma", help="'gemma' (embedded Gemma 3 270M, offline) or a local HF folder / hub id")
+    p.add_argument("--model", default="gemma", help="'gemma' (embedded Gemma 3 270M, base), 'smollm2' "
+                   "(embedded SmolLM2-135M-Instruct, chat) or a local HF folder / hub id")
     p.add_argument("--data", default=data, help="JSONL question file (schema: data/README.md)")
     p.add_argument("--out", default=None, help="run folder (default runs/<stage>-<time>)")
     p.add_argument("--seed", type=at_least(0), default=0)

@@ -103,12 +103,18 @@ def test_student_topk_extra_ids_and_teacher_topk_paths_equal_unshared(tiny, monk
     assert_same(model, prompts, comps, monkeypatch, extra_ids=ids, **kw)
 
 
-def test_one_long_group_crosses_the_sliding_window_many_times(tiny, monkeypatch):
+@pytest.mark.parametrize("cap", [2048, 100])
+def test_one_long_group_crosses_the_sliding_window_many_times(tiny, monkeypatch, cap):
     """G=8 completions of up to 30 tokens: the packed sequence is ~20x the window of 8, so a wrong
-    window (by packed index instead of position) would show."""
+    window (by packed index instead of position) would show. With a cap of 100 packed tokens the
+    group is split into several packs, each with its own copy of the prompt."""
     model, tok = tiny
     texts = [" " + "abcdefghijklmnopqrstuvwxyz0123"[:n] for n in (30, 1, 12, 29, 3, 17, 8, 25)]
     prompts, comps = batch(tok, [(LONG, t) for t in texts], eos_last=False)
+    monkeypatch.setattr(common, "PACK_TOKENS", cap)
+    packs = common._packs(prompts, comps)
+    assert len(packs) == (1 if cap == 2048 else 4) and sorted(sum(packs, [])) == list(range(8))
+    assert all(len(prompts[0]) + sum(len(comps[b]) - 1 for b in p) <= cap for p in packs)
     assert_same(model, prompts, comps, monkeypatch, chunk=64, pad_id=tok.pad_token_id)
 
 

@@ -278,7 +278,7 @@ def test_pmd_distill_runs_on_smollm2(smollm, data, tmp_path, monkeypatch, seen, 
     monkeypatch.setattr(common, "verify", fake_verify)
     out = tmp_path / method
     run(monkeypatch, pmd_distill, ["pmd_distill.py", "--model", "smollm2", "--data", str(data), "--out", str(out),
-                                   "--method", method, "--G", "4", "--B", "2", "--max-new-tokens", "4",
+                                   "--method", method, "--G", "4", "--B", "4", "--max-new-tokens", "4",
                                    "--eval-samples", "2", "--dev-samples", "1", "--test-per-type", "1",
                                    "--train-per-type", "1", "--epochs", "1", "--top-k", "8",
                                    "--reflector", "self"])
