@@ -9,6 +9,9 @@ is that step's own; the table gives the median of --repeats runs with min and ma
 The step is the loop of pmd_distill.py, phase by phase, on the same fixed questions and seeds
 (the memory for pmd is pre-filled by one untimed batch, so retrieval has something to find).
 One untimed step (--warmup) runs first, on other seeds, as TRL's first step does below.
+Each method also runs as "<method> unshared", with token_logprobs(share_prompts=False), so every
+row runs its own copy of the prompt through the decoder; the last column is the shared student
+forward + backward over the unshared one (--no-unshared skips those runs).
 `--trl` adds a row for TRL's GRPOTrainer on the same model, prompts, G, sampling temperature,
 micro-batch and new tokens: loss_type "dapo" (token-level over the active tokens, as ours), no std
 scaling, beta 0 (no reference model), one iteration per batch, AdamW at the same lr and clip. Its
@@ -51,10 +54,13 @@ import common  # noqa: E402
 import pmd_distill as pmd  # noqa: E402
 
 PHASES = ("rollouts", "teacher_forward", "student_fwd_bwd", "memory_update", "total")
+UNSHARED = " unshared"    # a method run with token_logprobs(share_prompts=False): every row its own prompt
 TRL = "trl-grpo"
 
 
 def one_step(args) -> dict:
+    share = not args.method.endswith(UNSHARED)
+    method = args.method.removesuffix(UNSHARED)
     model, tok = common.load_model(args.model, args.device, args.dtype, args.activation_checkpointing)
     qs = [q for q in common.load_questions(args.data) if not q.meta.get("negative_control")]
     qs = pmd.stratified_take(qs, 1)[:args.B]
@@ -62,7 +68,7 @@ def one_step(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
     teacher = None
-    if args.method != "grpo":
+    if method != "grpo":
         teacher = __import__("copy").deepcopy(model).eval()
         teacher.requires_grad_(False)
     prompts = [common.question_prompt(tok, q) for q in qs]
@@ -77,7 +83,7 @@ def one_step(args) -> dict:
         ver = [common.verify(qs[i // G], s.text) for i, s in enumerate(roll)]
         return roll, [r for r, _ in ver], [f for _, f in ver]
 
-    if args.method == "pmd":   # untimed: one batch of experience so retrieval has entries
+    if method == "pmd":   # untimed: one batch of experience so retrieval has entries
         roll, rw, fb = rollouts(1)
         for i, s in enumerate(roll):
             pmd.add_experience(mem, qs[i // G], s.text, rw[i], fb[i], 0, 0)
@@ -89,32 +95,39 @@ def one_step(args) -> dict:
         t["rollouts"] = time.perf_counter() - t0
         comp = [s.token_ids for s in roll]
         s_ids = [common.encode(tok, prompts[i // G]) for i in range(len(roll))]
-        t["teacher_forward"] = 0.0
+        t["teacher_forward"] = t["logprob_fwd_bwd"] = 0.0
         t1 = time.perf_counter()
-        if args.method == "grpo":
+        if method == "grpo":
             A = pmd.grpo_advantages(torch.tensor(rewards).view(len(qs), G)).view(-1)
             rows = list(range(len(roll)))
             n_active = sum(len(comp[i]) for i in rows)
             for s in range(0, len(rows), args.micro_batch):
                 mb = rows[s:s + args.micro_batch]
+                ta = time.perf_counter()
                 lp = common.token_logprobs(model, [s_ids[i] for i in mb], [comp[i] for i in mb], temperature=T,
-                                           pad_id=tok.pad_token_id)
+                                           pad_id=tok.pad_token_id, share_prompts=share)
                 (pmd.grpo_loss(lp["logprobs"], lp["mask"], A[mb]) * (lp["mask"].sum() / n_active)).backward()
+                t["logprob_fwd_bwd"] += time.perf_counter() - ta
         else:
-            ctx = pmd.contexts(tok, qs, rewards, feedback, [s.text for s in roll], args.method, mem, pmd.LEVELS, 64)
+            ctx = pmd.contexts(tok, qs, rewards, feedback, [s.text for s in roll], method, mem, pmd.LEVELS, 64)
             rows = [i for i, c in enumerate(ctx) if c[0] is not None]
             n_active = sum(len(comp[i]) for i in rows)
             k = min(100, model.config.vocab_size)
             for s in range(0, len(rows), args.micro_batch):
                 mb = rows[s:s + args.micro_batch]
+                ta = time.perf_counter()
                 st = common.token_logprobs(model, [s_ids[i] for i in mb], [comp[i] for i in mb], temperature=T,
-                                           pad_id=tok.pad_token_id, student_top_k=k)
+                                           pad_id=tok.pad_token_id, student_top_k=k, share_prompts=share)
+                t["logprob_fwd_bwd"] += time.perf_counter() - ta
                 ta = time.perf_counter()
                 with torch.no_grad():
                     te = common.token_logprobs(teacher, [common.encode(tok, ctx[i][0]) for i in mb], [comp[i] for i in mb],
-                                               temperature=T, pad_id=tok.pad_token_id, extra_ids=st["student_topk_ids"])
+                                               temperature=T, pad_id=tok.pad_token_id, extra_ids=st["student_topk_ids"],
+                                               share_prompts=share)
                 t["teacher_forward"] += time.perf_counter() - ta
+                ta = time.perf_counter()
                 pmd.sdpo_loss(st["student_topk_logprobs"], te["extra_logprobs"], st["mask"], 0.5, n_active=n_active).backward()
+                t["logprob_fwd_bwd"] += time.perf_counter() - ta
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -123,7 +136,7 @@ def one_step(args) -> dict:
         t["student_fwd_bwd"] = time.perf_counter() - t1 - t["teacher_forward"]
         t["rollouts"] += common.sync_rollout(sampler, model)    # refreshing the bf16 copy: rollout cost
         t2 = time.perf_counter()
-        if args.method == "pmd":
+        if method == "pmd":
             for i, s in enumerate(roll):
                 pmd.add_experience(mem, qs[i // G], s.text, rewards[i], feedback[i], 0, 1)
             for q in qs:
@@ -182,8 +195,56 @@ def one_step_trl(args) -> dict:
     trainer.train()
     dev = next(model.parameters()).device
     return {"rollouts": float("nan"), "teacher_forward": 0.0, "student_fwd_bwd": float("nan"), "memory_update": 0.0,
+            "logprob_fwd_bwd": float("nan"),
             "total": Timer.times[-1], "first_step": Timer.times[0], "peak_mb": common.peak_memory_mb(dev),
             "rows": rows, "trained_rows": rows, "tokens": "-"}
+
+
+def run_all(args) -> dict:
+    """Every (method, repeat) in a fresh process. Each method runs twice, with and without prompt
+    sharing (unless --no-unshared); repeat r of every variant runs before repeat r + 1 of any, so a
+    change in the machine's load hits the variants alike and the paired ratios stay meaningful."""
+    variants = [v for m in args.methods.split(",") for v in ([m] if args.no_unshared else [m, m + UNSHARED])]
+    variants += [TRL] if args.trl else []
+    done = {v: [] for v in variants}
+    for r in range(args.repeats):
+        for m in variants:
+            py = args.trl_python if m == TRL else sys.executable
+            out = subprocess.run([py, __file__, "--method", m] + sys.argv[1:], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(out.stderr[-2000:])
+            done[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"{m} run {r + 1}: " + ", ".join(f"{k} {done[m][-1][k]:.2f}" for k in PHASES + ("logprob_fwd_bwd",)),
+                  file=sys.stderr)
+    return done
+
+
+def ratio(a_runs, b_runs, key) -> str:
+    """Repeat r of a against repeat r of b: median [min, max] of the paired ratios."""
+    t = np.array([a[key] / b[key] for a, b in zip(a_runs, b_runs)])
+    return f"{np.median(t):.2f}x [{t.min():.2f}, {t.max():.2f}]"
+
+
+def print_table(args, done: dict) -> None:
+    print(f"\nmodel {args.model}, B={args.B}, G={args.G}, up to {args.max_new_tokens} new tokens "
+          f"(min {args.min_new_tokens}), micro-batch {args.micro_batch}; seconds, median [min, max] of {args.repeats}")
+    print("logprob_fwd_bwd: token_logprobs + backward of the student only (no teacher, clip or AdamW); "
+          "last column: that time over the same method's unshared one, paired by repeat\n")
+    cols = PHASES + ("logprob_fwd_bwd",)
+    print("| method | " + " | ".join(cols) + " | peak RSS MB | trained rows / tokens | fwd+bwd shared / unshared |")
+    print("|---|" + "---|" * (len(cols) + 3))
+    for m, runs in done.items():
+        cells = []
+        for k in cols:
+            v = np.array([x[k] for x in runs])
+            cells.append(f"{np.median(v):.2f} [{v.min():.2f}, {v.max():.2f}]")
+        cells.append(f"{np.median([x['peak_mb'] for x in runs]):.0f}")
+        vs = ratio(runs, done[m + UNSHARED], "logprob_fwd_bwd") if m + UNSHARED in done else "-"
+        print(f"| {m} | " + " | ".join(cells) + f" | {runs[0]['trained_rows']} / {runs[0]['tokens']} | {vs} |")
+    if TRL in done and "grpo" in done:
+        print(f"\ngrpo / TRL GRPOTrainer step time: {ratio(done['grpo'], done[TRL], 'total')} (goal <= 0.5x); "
+              f"peak RSS: {ratio(done['grpo'], done[TRL], 'peak_mb')} (goal <= 1x); "
+              f"TRL's first (warm-up) step: {np.median([x['first_step'] for x in done[TRL]]):.1f} s")
 
 
 def main():
@@ -199,6 +260,7 @@ def main():
     p.add_argument("--micro-batch", type=common.at_least(1), default=4)
     p.add_argument("--repeats", type=common.at_least(1), default=3)
     p.add_argument("--warmup", type=common.at_least(0), default=1, help="untimed steps before the timed one (TRL's: always 1)")
+    p.add_argument("--no-unshared", action="store_true", help="skip the unshared variants (share_prompts=False)")
     p.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer (needs trl, see --trl-python)")
     p.add_argument("--trl-python", default=sys.executable, help="the interpreter that has trl installed")
     p.add_argument("--trl-dir", default="/tmp/bench_trl", help=argparse.SUPPRESS)
@@ -211,36 +273,7 @@ def main():
         common.seed_everything(args.seed)
         print(json.dumps(one_step_trl(args) if args.method == TRL else one_step(args)))
         return
-    rows = []
-    for m in args.methods.split(",") + ([TRL] if args.trl else []):
-        runs = []
-        for r in range(args.repeats):
-            py = args.trl_python if m == TRL else sys.executable
-            cmd = [py, __file__, "--method", m] + [a for a in sys.argv[1:]]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                raise SystemExit(out.stderr[-2000:])
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"{m} run {r + 1}: " + ", ".join(f"{k} {runs[-1][k]:.2f}" for k in PHASES), file=sys.stderr)
-        rows.append((m, runs))
-    print(f"\nmodel {args.model}, B={args.B}, G={args.G}, up to {args.max_new_tokens} new tokens "
-          f"(min {args.min_new_tokens}), micro-batch {args.micro_batch}; seconds, median [min, max] of {args.repeats}\n")
-    print("| method | " + " | ".join(PHASES) + " | peak RSS MB | trained rows / tokens |")
-    print("|---|" + "---|" * (len(PHASES) + 2))
-    for m, runs in rows:
-        cells = []
-        for k in PHASES + ("peak_mb",):
-            v = np.array([x[k] for x in runs])
-            cells.append(f"{np.median(v):.2f} [{v.min():.2f}, {v.max():.2f}]" if k != "peak_mb" else f"{np.median(v):.0f}")
-        print(f"| {m} | " + " | ".join(cells) + f" | {runs[0]['trained_rows']} / {runs[0]['tokens']} |")
-    done = dict(rows)
-    if TRL in done and "grpo" in done:   # repeat r of ours against repeat r of TRL's
-        t = np.array([a["total"] / b["total"] for a, b in zip(done["grpo"], done[TRL])])
-        mem = np.array([a["peak_mb"] / b["peak_mb"] for a, b in zip(done["grpo"], done[TRL])])
-        print(f"\ngrpo / TRL GRPOTrainer step time: {np.median(t):.2f}x [{t.min():.2f}, {t.max():.2f}] (goal <= 0.5x); "
-              f"peak RSS: {np.median(mem):.2f}x [{mem.min():.2f}, {mem.max():.2f}] (goal <= 1x); "
-              f"TRL's first (warm-up) step: {np.median([x['first_step'] for x in done[TRL]]):.1f} s")
-
+    print_table(args, run_all(args))
 
 if __name__ == "__main__":
     common.run_main(main)
