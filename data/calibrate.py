@@ -82,7 +82,7 @@ def fmt(x, signed=False):
 
 def main():
     p = common.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gemma", help="'gemma' (embedded, offline) or a local HF folder / hub id")
+    p.add_argument("--model", default="gemma", help="'gemma' or 'smollm2' (embedded, offline) or a local HF folder / hub id")
     p.add_argument("--device", type=common.device_name, default=None)
     p.add_argument("--dtype", choices=list(common.DTYPE_NAMES), default=None)
     p.add_argument("--rollout-dtype", default=None,
