@@ -102,6 +102,35 @@ class ScriptedLM(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
+
+def check_bf16_rollout(model, tok, rollout, prompt: str, max_new_tokens: int) -> None:
+    """The bf16 rollout copy agrees with the fp32 trainer on its own samples (|delta log p|), and
+    an update of the fp32 weights (the output row of a token the model does not write here, moved
+    to raise its logit by 100 after the prompt) reaches the copy through sync_rollout, and only then."""
+    s = common.sample(rollout, tok, [prompt], n=8, max_new_tokens=max_new_tokens, temperature=0.7, seed=0)
+    ids = [common.encode(tok, prompt)] * len(s)
+    with torch.no_grad():
+        lp = common.token_logprobs(model, ids, [x.token_ids for x in s], temperature=0.7, pad_id=tok.pad_token_id)
+    gap = common.logprob_mismatch([x.logprobs for x in s], lp["logprobs"], lp["mask"])
+    print(f"bf16 sampler vs fp32 trainer |delta log p| on {gap['n']} tokens: mean {gap['mean']:.4f}, max {gap['max']:.4f}")
+    assert gap["mean"] < 0.1 and gap["max"] < 1.5
+    target = tok(" zebra", add_special_tokens=False).input_ids[-1]
+    greedy = lambda: common.sample(rollout, tok, [prompt], n=1, max_new_tokens=4, temperature=0)[0].token_ids
+    old = greedy()
+    assert target not in old
+    w = model.get_output_embeddings().weight
+    saved = w[target].detach().clone()
+    try:
+        with torch.no_grad():
+            h = model.base_model(input_ids=torch.tensor([ids[0]])).last_hidden_state[0, -1]   # (H,)
+            w[target] += 100 * h / h.norm() ** 2
+        assert greedy() == old
+        assert common.sync_rollout(rollout, model) > 0
+        assert greedy()[0] == target
+    finally:
+        with torch.no_grad():
+            w[target] = saved
+
 @pytest.fixture
 def bf16_rollouts(monkeypatch):
     """For a stage run in-process with --rollout-dtype bfloat16: records, at every common.sample

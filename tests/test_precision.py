@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_gemma, save_tiny_model
+from conftest import check_bf16_rollout, make_tiny_gemma, save_tiny_model
 
 import common
 
@@ -238,31 +238,7 @@ def test_bf16_copy_greedy_agrees_with_fp32_real_gemma(gemma, record_property):
 def test_bf16_logprob_gap_and_refresh_real_gemma(gemma):
     model, tok = gemma
     rollout = bf16_copy(model)
-    prompt = "Question: What is 12 + 7?\nAnswer:"
-    s = common.sample(rollout, tok, [prompt], n=8, max_new_tokens=24, temperature=0.7, seed=0)
-    ids = [common.encode(tok, prompt)] * len(s)
-    with torch.no_grad():
-        lp = common.token_logprobs(model, ids, [x.token_ids for x in s], temperature=0.7, pad_id=tok.pad_token_id)
-    gap = common.logprob_mismatch([x.logprobs for x in s], lp["logprobs"], lp["mask"])
-    print(f"bf16 sampler vs fp32 trainer |delta log p| on {gap['n']} tokens: mean {gap['mean']:.4f}, max {gap['max']:.4f}")
-    assert gap["mean"] < 0.1 and gap["max"] < 1.5
-    # an "update" on the fp32 weights (the output row of a token the model does not write here,
-    # moved to raise its logit by 100 after the prompt) reaches the copy through sync_rollout, and only then
-    target = tok(" zebra", add_special_tokens=False).input_ids[-1]
-    old = common.sample(rollout, tok, [prompt], n=1, max_new_tokens=4, temperature=0)[0].token_ids
-    assert target not in old
-    w = model.get_output_embeddings().weight
-    saved = w[target].detach().clone()
-    try:
-        with torch.no_grad():
-            h = model.base_model(input_ids=torch.tensor([ids[0]])).last_hidden_state[0, -1]   # (H,)
-            w[target] += 100 * h / h.norm() ** 2
-        assert common.sample(rollout, tok, [prompt], n=1, max_new_tokens=4, temperature=0)[0].token_ids == old
-        assert common.sync_rollout(rollout, model) > 0
-        assert common.sample(rollout, tok, [prompt], n=1, max_new_tokens=4, temperature=0)[0].token_ids[0] == target
-    finally:
-        with torch.no_grad():
-            w[target] = saved
+    check_bf16_rollout(model, tok, rollout, "Question: What is 12 + 7?\nAnswer:", max_new_tokens=24)
 
 
 def test_lm_head_of_the_rollout_copy_gets_a_contiguous_input(tiny):

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from conftest import check_bf16_rollout
 from test_logprobs import reference
 from test_pmd import fake_verify
 from test_sampler import assert_greedy_parity
@@ -117,30 +118,7 @@ def test_bf16_rollout_copy_agrees_and_refreshes(smollm):
     model, tok = smollm
     rollout = common.rollout_copy(model, "bfloat16")
     assert next(rollout.parameters()).dtype == torch.bfloat16 and model.dtype == torch.float32
-    prompt = chat_prompts(tok)[0]
-    s = common.sample(rollout, tok, [prompt], n=8, max_new_tokens=16, temperature=0.7, seed=0)
-    ids = [common.encode(tok, prompt)] * len(s)
-    with torch.no_grad():
-        lp = common.token_logprobs(model, ids, [x.token_ids for x in s], temperature=0.7, pad_id=tok.pad_token_id)
-    gap = common.logprob_mismatch([x.logprobs for x in s], lp["logprobs"], lp["mask"])
-    print(f"bf16 sampler vs fp32 trainer |delta log p| on {gap['n']} tokens: mean {gap['mean']:.4f}, max {gap['max']:.4f}")
-    assert gap["mean"] < 0.1 and gap["max"] < 1.5
-    # an update of the fp32 weights reaches the copy through sync_rollout, and only then
-    target = tok(" zebra", add_special_tokens=False).input_ids[-1]
-    old = common.sample(rollout, tok, [prompt], n=1, max_new_tokens=4, temperature=0)[0].token_ids
-    assert target not in old
-    w = model.get_output_embeddings().weight
-    saved = w[target].detach().clone()
-    try:
-        with torch.no_grad():
-            h = model.base_model(input_ids=torch.tensor([ids[0]])).last_hidden_state[0, -1]   # (H,)
-            w[target] += 100 * h / h.norm() ** 2
-        assert common.sample(rollout, tok, [prompt], n=1, max_new_tokens=4, temperature=0)[0].token_ids == old
-        assert common.sync_rollout(rollout, model) > 0
-        assert common.sample(rollout, tok, [prompt], n=1, max_new_tokens=4, temperature=0)[0].token_ids[0] == target
-    finally:
-        with torch.no_grad():
-            w[target] = saved
+    check_bf16_rollout(model, tok, rollout, chat_prompts(tok)[0], max_new_tokens=16)
 
 
 # ----------------------------------------------------------------------------
