@@ -182,8 +182,12 @@ def test_gradient_only_on_trained_tokens_against_a_full_logit_reference(tiny):
     model, tok = tiny
     args = SimpleNamespace(train_answer=False, max_len=999)
     q = Q("k1", question="k?", cue="so")
-    rows = [s.make_example(tok, q, "k means y.", " y.", args), s.make_example(tok, q, None, " y.", args)]
+    rows = [s.make_example(tok, q, "k means y.", " y.", args), s.make_example(tok, Q("k2", question="k?"), None, "B", args)]
     rows[0]["kind"], rows[1]["kind"] = "recall", "plain"
+    assert rows[1]["completion_ids"][0] != rows[1]["open_id"]               # p(open) is not the answer's first token
+    block = len(s.recall_block(rows[0]["prompt"], "k means y."))              # one character, one token
+    ref_mask = [[0] + [1] * (block - 1) + [0] * (len(rows[0]["completion_ids"]) - block - 1) + [1],
+                [0] * (len(rows[1]["completion_ids"]) - 1) + [1]]          # from the text alone, not the roles
 
     def grads(loss):
         model.zero_grad()
@@ -201,13 +205,13 @@ def test_gradient_only_on_trained_tokens_against_a_full_logit_reference(tiny):
             P, C = e["prompt_ids"], e["completion_ids"]
             logp = torch.log_softmax(model(input_ids=torch.tensor([P + C])).logits[0].float(), -1)
             tok_lp = logp[len(P) - 1:-1].gather(1, torch.tensor(C)[:, None])[:, 0]
-            m = torch.tensor([r in trained for r in e["roles"]], dtype=torch.float)
+            m = torch.tensor(ref_mask[0 if up else 1] if trained == "re" else [1.0] * len(C), dtype=torch.float)
             p_open = logp[len(P) - 1, e["open_id"]]
             total = total - (tok_lp * m).sum() - (p_open if up else torch.log1p(-p_open.exp()))
             n += int(m.sum()) + 1
         return total / n
     torch.testing.assert_close(ours, grads(reference()), atol=1e-6, rtol=1e-4)
-    assert (ours - grads(reference("re-"))).abs().max() > 1e-3 * ours.abs().max()
+    assert (ours - grads(reference("everything"))).abs().max() > 1e-3 * ours.abs().max()
 
 
 def test_threshold_tuned_for_balanced_accuracy():
@@ -385,8 +389,13 @@ def test_every_arm_and_the_answer_logprob_are_stored(tiny_run, tiny_files):
         for i, r in base[name].items():
             assert set(r) >= {"a", "b", "b_slot"} and set(tr[name][i]) >= {"c", "c_star", "d", "d_texts", "d_leak"}
             assert len(tr[name][i]["d_texts"]) == 2
-    for r in base["heldout"].values():
-        assert all(np.isfinite(r[k]) and r[k] < 0 for k in ("lp_a", "lp_b", "lp_b_slot"))
+    model, tok = common.load_model(str(tiny_files / "model"))
+    qs = {q.id: q for q in common.load_questions(tiny_files / "q.jsonl")}
+    q = next(qs[i] for i in base["heldout"] if qs[i].cluster == "k")           # k: beneficial, r* "k means y."
+    for k, prompt in (("lp_a", common.question_prompt(tok, q)), ("lp_b", common.question_prompt(tok, q, lesson="k means y.")),
+                      ("lp_b_slot", s.slot_prompt(tok, q, "k means y."))):
+        assert base["heldout"][q.id][k] == pytest.approx(common.answer_logprob(model, tok, [prompt], [s.gold_text(q)])[0], abs=1e-4)
+    assert len({base["heldout"][q.id][k] for k in ("lp_a", "lp_b", "lp_b_slot")}) == 3
     for r in tr["heldout"].values():
         assert all(np.isfinite(r[k]) and r[k] < 0 for k in ("lp_c_star", "lp_d"))
     for i, r in base["canary"].items():                  # no lesson for another domain: b = b_slot = a, c* = d
