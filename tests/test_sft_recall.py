@@ -507,3 +507,28 @@ def test_grpo_then_sft_chain_consumes_a_phase_1_lesson(tiny_files, tmp_path, mon
     k = next(e for e in sel if e["cluster"] == lib[0]["cluster"])
     assert k["lesson"] == lib[0]["text"] and k["source"] == "library" and k["beneficial"]
     assert any(r_["lesson"] == lib[0]["text"] for r_ in common.read_jsonl(b / "sft_data.jsonl") if r_["kind"] == "recall")
+
+
+def test_lr_sweep_follows_its_rule_and_never_touches_held_out_or_the_reported_canary(tiny_run, tiny_files, tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sweep_sft_lr
+    split = json.loads((tiny_run / "split.json").read_text())
+    qs = {q.id: q for q in common.load_questions(tiny_files / "q.jsonl") + common.load_questions(tiny_files / "canary.jsonl")}
+    hidden = [qs[i] for n in ("heldout", "canary") for i in split[n]]
+    seen = []
+    real_lp, real_score = common.token_logprobs, common.score
+    monkeypatch.setattr(common, "token_logprobs", lambda m, p, c, **k: seen.extend(p) or real_lp(m, p, c, **k))
+    monkeypatch.setattr(common, "score", lambda m, t, q_, p, *a, **k: seen.extend(common.encode(t, x) for x in p)
+                        or real_score(m, t, q_, p, *a, **k))
+    monkeypatch.setattr(sys, "argv", ["sweep_sft_lr.py", "--run", str(tiny_run), "--lrs", "1e-4", "3e-3", "--out", str(tmp_path)])
+    common.run_main(sweep_sft_lr.main)
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["lr"] for r in res["results"]] == [0.0, 1e-4, 3e-3]
+    ok = [r for r in res["results"][1:] if not r["canary_change"]["hi"] < 0]
+    assert res["chosen"] == (min(ok, key=lambda r: (r["dev"]["loss"], r["lr"]))["lr"] if ok else None)
+    assert all(r["dev"]["tokens"] > 0 for r in res["results"])
+    tok = common.load_model(str(tiny_files / "model"))[1]
+    texts = [tok.decode(p) for p in seen]
+    assert texts and any(qs[i].question in t for i in split["canary_select"] for t in texts)
+    assert not any(q.question in t for q in hidden for t in texts)
+    assert "Chosen: **" in (tmp_path / "sweep.md").read_text()
