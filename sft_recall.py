@@ -39,8 +39,6 @@ OPEN, CLOSE = "<recall>", "</recall>"
 ANSWER_STOP, RECALL_STOP = ["\n"], [CLOSE, "\n"]
 SELECTION_KIND = "recall-selection"
 ARMS = ("a", "b", "b_slot", "c", "c_star", "d")
-ROLES = {"d": "decision (the recall opening)", "r": "recall block and closing tag", "e": "EOS",
-         "a": "answer (cue included)", "-": "not trained"}
 
 # ----------------------------------------------------------------------------
 # the maths (pure: tested on hand-made numbers)
@@ -62,9 +60,8 @@ def decision_nll(lp_open: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def sft_loss(logprobs, mask, lp_open=None, up=None) -> torch.Tensor:
-    """Token-level mean NLL over the trained tokens (mask (B, T)) and, given lp_open (B,) = log
-    p(open | head), one decision per row counted as one more token: a global count, so long rows
-    do not dominate."""
+    """Mean NLL over the trained tokens (mask (B, T)) and, given lp_open (B,) = log p(open | head),
+    one decision per row as one more token: a global count, so long rows do not dominate."""
     nll, n = -(logprobs * mask).sum(), mask.sum()
     if lp_open is not None:
         nll, n = nll + decision_nll(lp_open, up).sum(), n + len(lp_open)
@@ -127,8 +124,8 @@ def train(args, out: Path, examples: list, tag: str = "sft") -> common.Policy:
     checkpoint (weights, optimizer, RNG) per epoch under out/checkpoint; --resume restarts at the
     last finished epoch and redoes the metrics rows of a half-done one."""
     policy = common.load_policy(args, out, metrics_key="epoch")
-    set_trainable(policy.model, args)
     model, tok, opt = policy.model, policy.tok, policy.opt
+    model.get_input_embeddings().weight.requires_grad_(args.train_embeddings)   # tied: the LM head too
     B, trained = args.batch_size, "re" + ("a" if args.train_answer else "")
     total = args.epochs * math.ceil(len(examples) / B)
     step = policy.extra.get("opt_step", 0)
@@ -175,12 +172,9 @@ def train(args, out: Path, examples: list, tag: str = "sft") -> common.Policy:
 
 
 def type_key(q) -> str:
-    """A question's type: "cluster/subtype", or "cluster" when it has no sub-type."""
-    return f"{q.cluster}/{q.subtype}" if q.subtype else q.cluster
-
-
-def entry_type(e) -> str:
-    return f"{e['cluster']}/{e['subtype']}" if e.get("subtype") else e["cluster"]
+    """A question's (or a bank entry's) type: "cluster/subtype", or "cluster" without a sub-type."""
+    c, sub = (q["cluster"], q.get("subtype")) if isinstance(q, dict) else (q.cluster, q.subtype)
+    return f"{c}/{sub}" if sub else c
 
 
 def prompt_parts(tok, q, lesson=None):
@@ -197,8 +191,7 @@ def recall_open(head: str) -> str:
     return (" " if head.endswith(":") else "") + OPEN
 
 
-def recall_block(head: str, lesson: str) -> str:
-    return f"{recall_open(head)} {lesson.strip()} {CLOSE}"
+recall_block = lambda head, lesson: f"{recall_open(head)} {lesson.strip()} {CLOSE}"   # noqa: E731
 
 
 def open_id(tok, head: str) -> int:
@@ -274,7 +267,7 @@ def library_candidates(paths, data_types) -> dict:
             raise common.UserError(f"--library {path}: no such file")
         for e in common.load_bank(path, "introspection-library")["entries"]:
             if not e.get("meta_gaming"):
-                cands.setdefault(entry_type(e), []).append({"lesson": e["text"], "source": "library", "id": e.get("id"),
+                cands.setdefault(type_key(e), []).append({"lesson": e["text"], "source": "library", "id": e.get("id"),
                                                             "A": {k: e["A_intro"][k] for k in ("mean", "lo", "hi", "n")}})
     absent = sorted(set(cands) - set(data_types))
     if absent:
@@ -347,11 +340,11 @@ def gold_text(q) -> str:
 
 def build_example(tok, head: str, completion: str, recall_chars: int, eos_id: int,
                   train_answer: bool, max_len: int) -> dict:
-    """Tokenise head + completion; give every completion token a role (ROLES) from character spans,
-    never from token ids (pad may equal EOS, or be any id). A recall row's first token is the
-    decision; tokens overlapping completion[:recall_chars] are the recall block (a token that
-    straddles the closing tag's edge is trained: it closes the tag); EOS is appended. ValueError if
-    the head's tokens are not a prefix of head + completion's, or no trained token survives max_len."""
+    """Tokenise head + completion; roles from character spans, never token ids (pad may equal EOS):
+    "d" the decision (a recall row's first token), "r" tokens overlapping completion[:recall_chars]
+    (one straddling the closing tag's edge closes it: trained), "e" the appended EOS, "a" answer
+    (--train-answer), "-" untrained. ValueError if the head's tokens are not a prefix of head +
+    completion's, or no trained token survives max_len."""
     p_ids = common.encode(tok, head)
     full = head + completion
     enc = tok(full, add_special_tokens=not (tok.bos_token and full.startswith(tok.bos_token)), return_offsets_mapping=True)
@@ -382,13 +375,6 @@ def make_example(tok, q, lesson, answer, args, answer_source=None) -> dict:
     return {"question_id": q.id, "cluster": q.cluster, "subtype": q.subtype, "type": type_key(q),
             "kind": "recall" if lesson else "plain", "lesson": lesson, "prompt": head, "completion": block + cue + answer,
             "cue": cue, "answer": answer, "answer_source": answer_source, "trained_text": tok.decode(trained), **ex}
-
-
-def set_trainable(model, args):
-    for prm in model.parameters():
-        prm.requires_grad_(True)
-    if not args.train_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)   # tied: the LM head too
 
 
 def role_mask(examples, roles: str, T: int) -> torch.Tensor:
@@ -422,7 +408,7 @@ def role_losses(lp, lp_open, up, batch) -> dict:
     return out
 
 
-def sampling(args, max_new=None, stop=ANSWER_STOP) -> dict:
+def sampling(args, max_new=None, stop=ANSWER_STOP) -> dict:      # sample()'s keywords
     return {"max_new_tokens": max_new or args.answer_tokens, "temperature": args.temperature, "stop": stop}
 
 
@@ -438,14 +424,6 @@ def recall_banned(model, ids):
         yield
     finally:
         h.remove()
-
-
-def rows_after(roll, tok, args, jobs, stream="eval"):
-    """One answer per (question, prompt, row j), row j seeded as common.score seeds row j of that
-    question, so it pairs with row j of every other arm. Returns rewards and texts, one per job."""
-    seeds = [common.stream_seed(args.seed, stream, zlib.crc32(q.id.encode()), j) for q, _, j in jobs]
-    out = common.sample(roll, tok, [p for _, p, _ in jobs], n=1, row_seeds=seeds, **sampling(args)) if jobs else []
-    return [common.verify(q, s.text)[0] for (q, _, _), s in zip(jobs, out)], [s.text for s in out]
 
 
 @torch.no_grad()
@@ -494,10 +472,10 @@ def gold_logprob(model, tok, qs, prompts, fallback):
     return common.answer_logprob(model, tok, [p or f for p, f in zip(prompts, fallback)], [gold_text(q) for q in qs])
 
 
-def base_arms(args, model, roll, tok, sets, rstar) -> dict:
+def base_arms(args, base, sets, rstar) -> dict:
     """a (plain), b (r* as a "Lesson:"), b_slot (r* in the recall slot) on the base model, paired
     rows; on held-out also the gold answer's teacher-forced log-prob in each arm."""
-    res = {}
+    model, roll, tok, res = base["model"], base["roll"], base["tok"], {}
     for name, qs in sets.items():
         plain, pb, ps = arm_prompts(tok, qs, [lesson_of(q, rstar) if name != "canary" else None for q in qs])
         a, _ = sample_arm(roll, tok, args, qs, plain, f"arm a: {name}")
@@ -521,11 +499,12 @@ def free_arm(policy, args, qs, p, tau, d):
                      args.eval_samples, args.seed, "eval-recall", **sampling(args, args.recall_tokens, RECALL_STOP)) if rec else None
     bodies = {i: [x.text.strip() for x in s.samples[k]] for k, i in enumerate(rec)}
     closed = {i: [tok.decode(x.token_ids).endswith(CLOSE) for x in s.samples[k]] for k, i in enumerate(rec)}
-    jobs = [(qs[i], heads[i][0] + recall_block(heads[i][0], b_) + heads[i][1], j) for i in rec for j, b_ in enumerate(bodies[i])]
-    R, _ = rows_after(policy.rollout, tok, args, jobs)
+    jobs = [(i, j, heads[i][0] + recall_block(heads[i][0], b_) + heads[i][1]) for i in rec for j, b_ in enumerate(bodies[i])]
+    seeds = [common.stream_seed(args.seed, "eval", zlib.crc32(qs[i].id.encode()), j) for i, j, _ in jobs]  # = score's row j
     c = np.array(d, float)
-    for (q, _, j), r, i in zip(jobs, R, [i for i in rec for _ in range(args.eval_samples)]):
-        c[i, j] = r
+    for (i, j, _), x in zip(jobs, common.sample(policy.rollout, tok, [p_ for *_, p_ in jobs], n=1, row_seeds=seeds,
+                                                **sampling(args)) if jobs else []):
+        c[i, j] = common.verify(qs[i], x.text)[0]
     return c, bodies, closed
 
 
@@ -604,54 +583,47 @@ def heldout_extras(qs, base, tr, rstar, seed) -> dict:
     """Decision quality (unit: question), fidelity of the recalled text (cluster bootstrap over
     questions) and the gold answer's log-prob per arm (continuous, paired)."""
     lab, dec = np.array([bool(lesson_of(q, rstar)) for q in qs]), np.array([tr[q.id]["decision"] for q in qs])
-    rate = lambda m: common.mean_ci(dec[m].astype(float), binary=True) if m.any() else None
-    lp = {k: np.array([(base if k in ("lp_a", "lp_b", "lp_b_slot") else tr)[q.id][k] for q in qs])
-          for k in ("lp_a", "lp_b", "lp_b_slot", "lp_c_star", "lp_d")}
-    lessons = {t: e["lesson"] for t, e in rstar.items() if e["lesson"]}
-    f1, verb, own, closed = [], [], [], []
+    p = np.array([tr[q.id]["p_recall"] for q in qs])
+    rate = lambda x, m: common.mean_ci(x[m].astype(float), binary=True) if m.any() else None
+    lp = {k[3:]: np.array([{**base[q.id], **tr[q.id]}[k] for q in qs]) for k in ("lp_a", "lp_b", "lp_b_slot", "lp_c_star", "lp_d")}
+    lessons, fid = {t: e["lesson"] for t, e in rstar.items() if e["lesson"]}, {"f1": [], "own_type": [], "closed": []}
     for q in qs:
         got = [(b_, c_) for b_, c_ in zip(tr[q.id]["recalled"], tr[q.id]["closed"]) if b_ is not None]
         if got and type_key(q) in lessons:
-            f1.append([token_f1(b_, lessons[type_key(q)]) for b_, _ in got])
-            verb.append([float(common.normalise_text(b_) == common.normalise_text(lessons[type_key(q)])) for b_, _ in got])
-            own.append([float(max(lessons, key=lambda t: token_f1(b_, lessons[t])) == type_key(q)) for b_, _ in got])
-            closed.append([float(c_) for _, c_ in got])
-    boot = lambda g: common.cluster_bootstrap_ci(g, seed=seed) if g else None
-    pairs = (("lp_c_star", "lp_d"), ("lp_b_slot", "lp_a"), ("lp_b", "lp_a"), ("lp_d", "lp_a"), ("lp_c_star", "lp_b_slot"))
-    return {"decision": {"rate_beneficial": rate(lab), "rate_unnecessary": rate(~lab),
-                         "p_beneficial": float(np.mean([tr[q.id]["p_recall"] for q, x in zip(qs, lab) if x])) if lab.any() else None,
-                         "p_unnecessary": float(np.mean([tr[q.id]["p_recall"] for q, x in zip(qs, lab) if not x])) if (~lab).any() else None,
-                         "precision": common.mean_ci(lab[dec].astype(float), binary=True) if dec.any() else None},
-            "fidelity": {"f1": boot(f1), "verbatim": boot(verb), "own_type": boot(own), "closed": boot(closed)},
+            fid["f1"].append([token_f1(b_, lessons[type_key(q)]) for b_, _ in got])
+            fid["own_type"].append([float(max(lessons, key=lambda t: token_f1(b_, lessons[t])) == type_key(q)) for b_, _ in got])
+            fid["closed"].append([float(c_) for _, c_ in got])
+    pairs = (("c_star", "d"), ("b_slot", "a"), ("b", "a"), ("d", "a"), ("c_star", "b_slot"))
+    return {"decision": {"rate_beneficial": rate(dec, lab), "rate_unnecessary": rate(dec, ~lab), "precision": rate(lab, dec),
+                         "p_beneficial": float(p[lab].mean()) if lab.any() else None,
+                         "p_unnecessary": float(p[~lab].mean()) if (~lab).any() else None},
+            "fidelity": {k: common.cluster_bootstrap_ci(g, seed=seed) if g else None for k, g in fid.items()},
             "logprob": {part: {**{k: common.paired_bootstrap({k: v[m]}, lambda z, k=k: z[k], seed=seed) for k, v in lp.items()},
                                **{f"{x} - {y}": contrast({k: v[m] for k, v in lp.items()}, x, y, seed) for x, y in pairs}}
                         for part, m in (("beneficial", lab), ("all", np.ones(len(qs), bool))) if m.any()}}
 
 
 def evaluate(args, out, sets, rstar) -> dict:
-    """Every statistic of the run, from eval_base.json / eval_trained.json (/ eval_placebo.json), into eval.json."""
+    """Every statistic of the run, from eval_base.json, eval_trained.json (and eval_placebo.json): eval.json."""
     seed = common.stream_seed(args.seed, "report-boot")
     base, tr = (json.loads((out / f).read_text()) for f in ("eval_base.json", "eval_trained.json"))
-    res = {"tau": tr["tau"], "sets": {n: set_stats(qs, base[n], tr["sets"][n], rstar, seed) for n, qs in sets.items() if qs}}
-    if sets["heldout"]:
-        res.update(heldout_extras(sets["heldout"], base["heldout"], tr["sets"]["heldout"], rstar, seed))
+    T, h = tr["sets"], sets["heldout"]
+    res = {"tau": tr["tau"], "sets": {n: set_stats(qs, base[n], T[n], rstar, seed) for n, qs in sets.items() if qs}}
+    if h:
+        res.update(heldout_extras(h, base["heldout"], T["heldout"], rstar, seed))
     if sets["canary"]:
-        T = tr["sets"]["canary"]
-        res["canary"] = {"spurious_recall": common.mean_ci([float(T[q.id]["decision"]) for q in sets["canary"]], binary=True),
-                         "d_leak": float(np.mean([T[q.id]["d_leak"] for q in sets["canary"]]))}
+        res["canary"] = {"spurious_recall": common.mean_ci([float(T["canary"][q.id]["decision"]) for q in sets["canary"]], binary=True),
+                         "d_leak": float(np.mean([T["canary"][q.id]["d_leak"] for q in sets["canary"]]))}
     if sets["composed"]:
-        parts = [[rstar.get(t, {}).get("lesson") for t in q.meta.get("components", [])] for q in sets["composed"]]
-        ks = [sum(carries(b_, x) for x in p) for q, p in zip(sets["composed"], parts) if all(p)
-              for b_ in tr["sets"]["composed"][q.id]["recalled"] if b_ is not None]
+        ks = [sum(carries(b_, rstar[t]["lesson"]) for t in q.meta["components"]) for q in sets["composed"]
+              if all(rstar.get(t, {}).get("lesson") for t in q.meta["components"]) for b_ in T["composed"][q.id]["recalled"] if b_]
         res["composition"] = {"both": ks.count(2), "one": ks.count(1), "n": len(ks)}
-    if (out / "eval_placebo.json").exists():
-        pl, h = json.loads((out / "eval_placebo.json").read_text()), sets["heldout"]
-        A = {k: np.array([x[q.id][kk] for q in h], float) for k, x, kk in (
-            ("a", base["heldout"], "a"), ("c", tr["sets"]["heldout"], "c"), ("e", pl.get("heldout"), "c"))} if "note" not in pl else {}
-        res["placebo"] = pl if "note" in pl else {"tau": pl["tau"], **arm_stats(A, seed), "e - a": contrast(A, "e", "a", seed),
-                                                  "c - e": contrast(A, "c", "e", seed),
-                                                  "recall_rate": float(np.mean([pl["heldout"][q.id]["decision"] for q in h]))}
-    common.atomic_write_json(out / "eval.json", res)
+    pl = json.loads((out / "eval_placebo.json").read_text()) if (out / "eval_placebo.json").exists() else None
+    if pl and "note" not in pl:
+        A = {"a": [base["heldout"][q.id]["a"] for q in h], "c": [T["heldout"][q.id]["c"] for q in h], "e": [pl["heldout"][q.id]["c"] for q in h]}
+        pl = {"tau": pl["tau"], "e": common.paired_bootstrap({"e": A["e"]}, lambda m: m["e"], seed=seed), "e - a": contrast(A, "e", "a", seed),
+              "c - e": contrast(A, "c", "e", seed), "recall_rate": float(np.mean([pl["heldout"][q.id]["decision"] for q in h]))}
+    common.atomic_write_json(out / "eval.json", {**res, **({"placebo": pl} if pl else {})})
     return res
 
 
@@ -660,60 +632,56 @@ def evaluate(args, out, sets, rstar) -> dict:
 
 
 def write_report(out):
-    """out/report.md from config.json, selection.json, eval.json, metrics.jsonl and timing.json."""
+    """out/report.md from the run folder alone: config.json, selection.json, eval.json, metrics.jsonl, timing.json."""
     out = Path(out)
     cfg, ev = (json.loads((out / f).read_text()) for f in ("config.json", "eval.json"))
     sel = common.load_bank(out / "selection.json", SELECTION_KIND)["entries"]
-    f, fu = common.fmt_ci, (lambda ci: common.fmt_ci(ci, False))
-    L = [f"# Recall SFT: {out.name}", "", f"`{cfg['argv']}`", "", f"Lessons from **{sel and sel[0]['source']}**; r*: "
-         f"highest {'lower bound' if cfg['select'] == 'lower' else 'mean'} of A's 95% interval, recall-beneficial iff > 0. "
-         f"Every interval: 95%, paired bootstrap over questions (then samples) unless a unit is named.", "", "## Selection", ""]
-    L += common.md_table(["type", "r*", "A", "beneficial"], [[entry_type(e), (e["lesson"] or "-")[:80], f(e["A"]) if e["A"]["n"] else "-",
+    f, fu, nm = common.fmt_ci, (lambda ci: common.fmt_ci(ci, False)), (lambda k: k.replace("_star", "*"))
+    g = lambda x: x["note"] if x.get("note", "").startswith("no ratio") else f(x)
+    L = [f"# Recall SFT: {out.name}", "", f"`{cfg['argv']}`", "", f"Lessons from **{sel and sel[0]['source']}**; r*: highest "
+         f"{'lower bound' if cfg['select'] == 'lower' else 'mean'} of A's 95% interval, recall-beneficial iff > 0. Every interval: "
+         f"95%, paired bootstrap over questions (then samples) unless another unit is named.", "", "## Selection", ""]
+    L += common.md_table(["type", "r*", "A", "beneficial"], [[type_key(e), (e["lesson"] or "-")[:80], f(e["A"]) if e["A"]["n"] else "-",
                                                             "yes" if e["beneficial"] else "no"] for e in sel])
     ms = [m for m in common.read_metrics(out) if m.get("phase") == "sft"]
     if ms:
         L += ["", "## Training", "", f"{len(ms)} AdamW steps, {cfg['epochs']} epochs, batch {cfg['batch_size']}, lr {cfg['lr']:g}; "
-              f"loss {ms[0]['loss']:.3f} -> {ms[-1]['loss']:.3f}, decision NLL {ms[0]['loss_decision']:.3f} -> "
-              f"{ms[-1]['loss_decision']:.3f}, recall NLL {ms[0]['loss_recall'] or 0:.3f} -> {ms[-1]['loss_recall'] or 0:.3f}; "
-              f"median step {np.median([m['step_time'] for m in ms]):.1f} s (`metrics.jsonl`)."]
-    names = {"heldout": "Held-out", "fresh": "Fresh instances", "composed": "Composed (never trained on)", "canary": "Canary (other domain)"}
+              + ", ".join(f"{k} {ms[0][k] or 0:.3f} -> {ms[-1][k] or 0:.3f}" for k in ("loss", "loss_decision", "loss_recall", "loss_eos"))
+              + f"; median step {np.median([m['step_time'] for m in ms]):.1f} s (`metrics.jsonl`)."]
     for name, st in ev["sets"].items():
-        L += ["", f"## {names[name]}: arms a, b, b_slot, c, c*, d (threshold {ev['tau']:.3f})", ""]
-        rows = [[t, "yes" if x["beneficial"] else "no", f"{x['recall_rate']:.2f}", x["n_questions"]] +
-                [f"{x['acc'][k]['mean']:.2f}" for k in ARMS] + [f(x["c - d"]), f(x["c_star - d"])] for t, x in st["by_type"].items()]
-        L += common.md_table(["type", "beneficial", "recalled", "questions", *ARMS, "c - d", "c* - d"], rows)
+        L += ["", f"## {name}: arms a, b, b_slot, c, c*, d (threshold on p(open) {ev['tau']:.3f})", ""]
+        L += common.md_table(["type", "beneficial", "recalled", "questions", *map(nm, ARMS), "c - d", "c* - d"],
+                             [[t, "yes" if x["beneficial"] else "no", f"{x['recall_rate']:.2f}", x["n_questions"], *(
+                                 f"{x['acc'][k]['mean']:.2f}" for k in ARMS), f(x["c - d"]), f(x["c_star - d"])] for t, x in st["by_type"].items()])
         for part in ("all", "beneficial"):
-            if part in st:
-                x = st[part]
-                L += ["", f"**{part}** ({x['n_questions']} questions): " + ", ".join(f"{k} {fu(x['acc'][k])}" for k in ARMS),
-                      "", "Paired: " + "; ".join(f"{k.replace('_star', '*')} = {f(x[k])}" for k in x if " - " in k) + "."]
+            x = st.get(part)
+            L += ["", f"**{part}** ({x['n_questions']} questions): " + ", ".join(f"{nm(k)} {fu(v)}" for k, v in x["acc"].items()) +
+                  ". Paired: " + "; ".join(f"{nm(k)} {f(v)}" for k, v in x.items() if " - " in k) + "."] if x else []
         if "beneficial" in st:
-            b_ = st["beneficial"]
-            g = lambda x: x["note"] if x.get("note", "").startswith("no ratio") else f(x)
-            L += ["", f"On recall-beneficial types: **G = (c - a) / (b - a) = {g(b_['G'])}**; with d in place of c: {g(b_['G_d'])}. "
-                  f"Over types (unit: type, {st['beneficial_by_type']['n_questions']} types): c - d {f(st['beneficial_by_type']['c - d'])}, "
-                  f"c* - d {f(st['beneficial_by_type']['c_star - d'])}."]
+            t = st["beneficial_by_type"]
+            L += ["", f"On recall-beneficial types: **G = (c - a) / (b - a) = {g(st['beneficial']['G'])}**; with d in place of c: "
+                  f"{g(st['beneficial']['G_d'])}. Over types (unit: type, {t['n_questions']} types): c - d {f(t['c - d'])}, c* - d {f(t['c_star - d'])}."]
     if "logprob" in ev:
-        L += ["", "## Gold answer log-prob (teacher-forced, nats, held-out)", ""]
-        L += [f"- {part}: " + "; ".join(f"{k.replace('lp_', '').replace('_star', '*')} {f(v)}" for k, v in x.items()) for part, x in ev["logprob"].items()]
+        L += ["", "## Gold answer log-prob (teacher-forced, nats, held-out)", ""] + [
+            f"- {part}: " + "; ".join(f"{nm(k)} {f(v)}" for k, v in x.items()) for part, x in ev["logprob"].items()]
     if "decision" in ev:
         d = ev["decision"]
-        L += ["", "## Decision quality (held-out, unit: question)", "",
+        L += ["", "## Decision quality (held-out, unit: question) and fidelity (cluster bootstrap over questions)", "",
               f"- recall rate on beneficial types {fu(d['rate_beneficial'])} (mean p {d['p_beneficial'] or 0:.2f}); on unnecessary "
-              f"types {fu(d['rate_unnecessary'])} (mean p {d['p_unnecessary'] or 0:.2f}); precision {fu(d['precision'])}",
-              "", "## Fidelity of the recalled text (held-out; cluster bootstrap over questions)", ""]
-        L += [f"- {k}: {fu(v)}" for k, v in ev["fidelity"].items()]
+              f"types {fu(d['rate_unnecessary'])} (mean p {d['p_unnecessary'] or 0:.2f}); precision {fu(d['precision'])}"]
+        L += [f"- recalled text, {k}: {fu(v)}" for k, v in ev["fidelity"].items()]
     if "canary" in ev:
-        c, st = ev["canary"], ev["sets"]["canary"]["all"]
-        L += ["", "## Forgetting and spurious recall (canary)", "", f"- forgetting, d - a (recall opening masked): {f(st['d - a'])}",
-              f"- spurious recall rate (c decides to recall, unit: question): {fu(c['spurious_recall'])}; d texts holding `{OPEN}`: {c['d_leak']:.2f}"]
+        c = ev["canary"]
+        L += ["", "## Forgetting and spurious recall (canary)", "", f"- forgetting, d - a (recall opening masked): "
+              f"{f(ev['sets']['canary']['all']['d - a'])}", f"- spurious recall rate (c decides to recall, unit: question): "
+              f"{fu(c['spurious_recall'])}; d texts holding `{OPEN}`: {c['d_leak']:.2f}"]
     if "composition" in ev:
-        L += ["", f"Composition: {ev['composition']['both']} of {ev['composition']['n']} recalls carry both component lessons, "
-              f"{ev['composition']['one']} one."]
+        c = ev["composition"]
+        L += ["", f"Composition: {c['both']} of {c['n']} recalls carry both component lessons, {c['one']} one."]
     if "placebo" in ev:
         p = ev["placebo"]
         L += ["", "## Placebo (arm e: type -> lesson map rotated)", "", p.get("note") or
-              f"e {fu(p['acc']['e'])}; e - a {f(p['e - a'])}; c - e {f(p['c - e'])}; recall rate {p['recall_rate']:.2f}"]
+              f"e {fu(p['e'])}; e - a {f(p['e - a'])}; c - e {f(p['c - e'])}; recall rate {p['recall_rate']:.2f}"]
     if (out / "timing.json").exists():
         L += ["", "Wall time by phase (`timing.json`): " + ", ".join(f"{k} {v:.0f} s" for k, v in json.loads((out / "timing.json").read_text()).items())]
     return common.write_report(out, L)
@@ -771,8 +739,23 @@ def check_inputs(args):
     if args.canary and Path(args.canary).resolve() == Path(args.data).resolve():
         raise common.UserError("--canary: must be another question set than --data (other clusters)")
     canary = common.load_questions(args.canary) if args.canary and args.canary_questions else []
-    source = "library+data" if args.library and args.lessons == "data" else "library" if args.library else "data"
-    return questions, cands, source, canary
+    return questions, cands, "library+data" if args.library and args.lessons == "data" else "library" if args.library else "data", canary
+
+
+def cached(args, out, times, name, files, make):
+    """A phase: make() unless --resume finds all its files; its wall time into times (timing.json)."""
+    if not (args.resume and files and all((out / f).exists() for f in files)):
+        t0 = time.time()
+        make()
+        times[name] = time.time() - t0
+
+
+def base_model(args, base: dict) -> dict:
+    """The base model, its tokenizer and rollout copy (bf16 where bf16 is fast), loaded once."""
+    if not base:
+        base["model"], base["tok"] = common.load_model(args.model, args.device, args.dtype, args.activation_checkpointing)
+        base["roll"] = common.rollout_copy(base["model"], args.rollout_dtype)
+    return base
 
 
 def data_phase(args, out, base, questions, canary, cands, source):
@@ -780,8 +763,7 @@ def data_phase(args, out, base, questions, canary, cands, source):
     split = split_questions(questions, args.holdout, args.dev, args.seed)
     split["composed"] = split["composed"][:args.compose_questions]
     split["fresh"] = [q.id for q in fresh_questions(args, questions, out)] if args.fresh else []
-    seen = [q for q in questions]
-    split["canary"] = [q.id for q in spread(canary, args.canary_questions, skip={common.text_key(q) for q in seen})]
+    split["canary"] = [q.id for q in spread(canary, args.canary_questions, skip={common.text_key(q) for q in questions})]
     split["canary_select"] = [q.id for q in spread([q for q in canary if q.id not in split["canary"]], args.canary_questions,
                                                    skip={common.text_key(q) for q in canary if q.id in split["canary"]})]
     selection, labels, rows = build_data(base["roll"], base["tok"], args, questions, split, cands, source)
@@ -790,76 +772,64 @@ def data_phase(args, out, base, questions, canary, cands, source):
     common.atomic_write_text(out / "sft_data.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in rows))
     common.save_bank(out / "selection.json", selection)
     common.atomic_write_json(out / "labels.json", labels)
-    common.atomic_write_json(out / "split.json", split)
+    common.atomic_write_json(out / "split.json", split)          # last: its presence marks the phase done
 
 
-def load_sets(args, out, questions, canary) -> dict:
-    """name -> questions of split.json: heldout, fresh, composed, canary, canary_select, dev."""
+def load_run(out, questions, canary):
+    """(sets: split name -> questions, labels, rstar: type -> selection entry, SFT rows) from the run folder."""
     split = json.loads((out / "split.json").read_text())
     pool = {q.id: q for q in questions + canary + (common.load_questions(out / "fresh.jsonl") if split["fresh"] else [])}
-    return {n: [pool[i] for i in split[n]] for n in ("heldout", "fresh", "composed", "canary", "canary_select", "dev")}
+    labels = json.loads((out / "labels.json").read_text())
+    sets = {n: [pool[i] for i in split[n] if n != "dev" or labels[i]["label"] != "left_out"]
+            for n in ("heldout", "fresh", "composed", "canary", "dev")}
+    return sets, labels, {type_key(e): e for e in common.load_bank(out / "selection.json", SELECTION_KIND)["entries"]}, \
+        common.read_jsonl(out / "sft_data.jsonl")
 
 
-def base_model(args, base: dict) -> dict:
-    if not base:
-        base["model"], base["tok"] = common.load_model(args.model, args.device, args.dtype, args.activation_checkpointing)
-        base["roll"] = common.rollout_copy(base["model"], args.rollout_dtype)   # bf16 where bf16 is fast
-    return base
+def eval_trained(args, out, policy, sets, labels, rstar):
+    """The threshold on p(open) from dev only; arms c, c*, d (eval_trained.json); recalls.jsonl
+    (read by dream.py --recall-from): arm c's recalls per held-out question."""
+    p_dev = p_recall(policy.model, policy.tok, sets["dev"])
+    tau = tune_threshold(p_dev, np.array([labels[q.id]["label"] == "recall" for q in sets["dev"]], bool))
+    tr = trained_arms(args, policy, {n: v for n, v in sets.items() if n != "dev"}, rstar, tau)
+    common.atomic_write_json(out / "eval_trained.json", {"tau": tau, "p_dev": p_dev.tolist(), "sets": tr})
+    common.write_jsonl(out / "recalls.jsonl", [{"question_id": q.id, "cluster": q.cluster, "subtype": q.subtype,
+                                                "recalled": tr["heldout"][q.id]["recalled"][0], "reward": int(tr["heldout"][q.id]["c"][0]),
+                                                "samples": [{"recalled": x, "reward": int(y)} for x, y in
+                                                            zip(tr["heldout"][q.id]["recalled"], tr["heldout"][q.id]["c"])]}
+                                               for q in sets["heldout"]])
 
 
 def main():
     args = build_parser().parse_args()
     questions, cands, source, canary = check_inputs(args)
-    out = common.setup_run(args, "sft_recall")
-    done = lambda *fs: args.resume and all((out / f).exists() for f in fs)
-    times, t0, base = {}, [time.time()], {}
-    lap = lambda k: times.update({k: time.time() - t0[0]}) or t0.__setitem__(0, time.time())
-    # 1-2. the split, selection and SFT rows (written once; reused by --resume)
-    if not done("split.json", "selection.json", "labels.json", "sft_data.jsonl"):
-        data_phase(args, out, base_model(args, base), questions, canary, cands, source)
-        lap("selection")
-    sets, labels = load_sets(args, out, questions, canary), json.loads((out / "labels.json").read_text())
-    rstar = {entry_type(e): e for e in common.load_bank(out / "selection.json", SELECTION_KIND)["entries"]}
-    examples = common.read_jsonl(out / "sft_data.jsonl")
-    ev_sets = {n: sets[n] for n in ("heldout", "fresh", "composed", "canary")}
+    out, times, base = common.setup_run(args, "sft_recall"), {}, {}
+    # 1-2. the split, r* per type and the SFT rows, on the base model
+    cached(args, out, times, "selection", ["split.json"],
+           lambda: data_phase(args, out, base_model(args, base), questions, canary, cands, source))
+    sets, labels, rstar, examples = load_run(out, questions, canary)
+    evals = {n: v for n, v in sets.items() if n != "dev"}
     # 4a. arms a, b, b_slot on the base model, before any update
-    if not done("eval_base.json"):
-        b = base_model(args, base)
-        common.atomic_write_json(out / "eval_base.json", base_arms(args, b["model"], b["roll"], b["tok"], ev_sets, rstar))
-        lap("base_arms")
+    cached(args, out, times, "base_arms", ["eval_base.json"],
+           lambda: common.atomic_write_json(out / "eval_base.json", base_arms(args, base_model(args, base), evals, rstar)))
     base.clear()
-    # 3. SFT
+    # 3. the SFT (train() resumes at its last finished epoch by itself)
     print(f"SFT on {len(examples)} rows ({sum(e['kind'] == 'recall' for e in examples)} recall), {args.epochs} epochs, lr {args.lr:g}")
+    t0 = time.time()
     policy = train(args, out, examples)
-    lap("sft")
-    # 4b. arms c, c*, d on the trained weights; the threshold from dev only
-    if not done("eval_trained.json"):
-        dev = [q for q in sets["dev"] if labels[q.id]["label"] != "left_out"]
-        p_dev = p_recall(policy.model, policy.tok, dev)
-        tau = tune_threshold(p_dev, np.array([labels[q.id]["label"] == "recall" for q in dev], bool))
-        common.atomic_write_json(out / "eval_trained.json", {"tau": tau, "p_dev": p_dev.tolist(),
-                                                             "sets": trained_arms(args, policy, ev_sets, rstar, tau)})
-        write_recalls(out, sets["heldout"])
-        lap("trained_arms")
-    if args.placebo and not done("eval_placebo.json"):
-        dev = [q for q in sets["dev"] if labels[q.id]["label"] != "left_out"]
-        common.atomic_write_json(out / "eval_placebo.json", run_placebo(args, out, policy.tok, examples, rstar,
-                                                                        {q.id: q for q in questions}, dev, labels, sets["heldout"]))
-        lap("placebo")
-    del policy
-    evaluate(args, out, ev_sets, rstar)
-    lap("report")
-    common.atomic_write_json(out / "timing.json", {**{f"{k}_s": round(v, 1) for k, v in times.items()}, "total_s": round(sum(times.values()), 1)})
+    times["sft"] = time.time() - t0
+    # 4b. arms c, c*, d on the trained weights; 4c. the placebo arm e
+    cached(args, out, times, "trained_arms", ["eval_trained.json", "recalls.jsonl"],
+           lambda: eval_trained(args, out, policy, sets, labels, rstar))
+    if args.placebo:
+        cached(args, out, times, "placebo", ["eval_placebo.json"], lambda: common.atomic_write_json(
+            out / "eval_placebo.json", run_placebo(args, out, policy.tok, examples, rstar, {q.id: q for q in questions},
+                                                   sets["dev"], labels, sets["heldout"])))
+    # 5. every statistic (eval.json), then the report, which reads the run folder only
+    cached(args, out, times, "report", [], lambda: evaluate(args, out, evals, rstar))
+    common.atomic_write_json(out / "timing.json", {**{f"{k}_s": round(v, 1) for k, v in times.items()},
+                                                   "total_s": round(sum(times.values()), 1)})
     print(f"report: {write_report(out)}")
-
-
-def write_recalls(out, heldout):
-    """recalls.jsonl (read by dream.py --recall-from): per held-out question, arm c's recalls."""
-    tr = json.loads((out / "eval_trained.json").read_text())["sets"].get("heldout", {})
-    common.write_jsonl(out / "recalls.jsonl", [{"question_id": q.id, "cluster": q.cluster, "subtype": q.subtype,
-                                                "recalled": tr[q.id]["recalled"][0], "reward": int(tr[q.id]["c"][0]),
-                                                "samples": [{"recalled": x, "reward": int(y)} for x, y in zip(tr[q.id]["recalled"], tr[q.id]["c"])]}
-                                               for q in heldout])
 
 
 if __name__ == "__main__":

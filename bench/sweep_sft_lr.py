@@ -84,7 +84,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     split, labels = (json.loads((run / f).read_text()) for f in ("split.json", "labels.json"))
     examples = common.read_jsonl(run / "sft_data.jsonl")
-    rstar = {s.entry_type(e): e for e in common.load_bank(run / "selection.json", s.SELECTION_KIND)["entries"]}
+    rstar = {s.type_key(e): e for e in common.load_bank(run / "selection.json", s.SELECTION_KIND)["entries"]}
     questions = {q.id: q for q in common.load_questions(args.data)}
     dev = [questions[i] for i in split["dev"] if labels[i]["label"] != "left_out"]
     canary = {q.id: q for q in common.load_questions(args.canary)} if args.canary else {}
