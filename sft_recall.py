@@ -547,6 +547,84 @@ def run_placebo(args, out, tok, examples, rstar, by_id, dev, labels, heldout) ->
     return {"tau": tau, "mapping": mapping, "heldout": trained_arms(args, policy, {"heldout": heldout}, {}, tau)["heldout"]}
 
 
+def check_inputs(args):
+    """Every input checked before anything is loaded or written: (questions, candidates, source, canary)."""
+    questions = common.load_questions(args.data)
+    cands = {t: [] for t in sorted({type_key(q) for q in questions})}
+    if args.library:
+        lib = library_candidates(args.library, cands)
+        if not any(lib.values()) and args.lessons != "data":
+            raise common.UserError(f"--library {' '.join(args.library)}: empty library (no usable introspection); add --lessons data")
+        for t, cs in lib.items():
+            cands[t] += cs
+    elif args.lessons != "data":
+        raise common.UserError("nothing to select from: give --library PATH or --lessons data")
+    if args.lessons == "data" and not any(q.lesson for q in questions):
+        raise common.UserError(f"{args.data}: no question carries a 'lesson' field, needed by --lessons data")
+    if args.canary and Path(args.canary).resolve() == Path(args.data).resolve():
+        raise common.UserError("--canary: must be another question set than --data (other clusters)")
+    canary = common.load_questions(args.canary) if args.canary and args.canary_questions else []
+    return questions, cands, "library+data" if args.library and args.lessons == "data" else "library" if args.library else "data", canary
+
+
+def cached(args, out, times, name, files, make):
+    """A phase: make() unless --resume finds all its files; its wall time into times (timing.json)."""
+    if not (args.resume and files and all((out / f).exists() for f in files)):
+        t0 = time.time()
+        make()
+        times[name] = time.time() - t0
+
+
+def base_model(args, base: dict) -> dict:
+    """The base model, its tokenizer and rollout copy (bf16 where bf16 is fast), loaded once."""
+    if not base:
+        base["model"], base["tok"] = common.load_model(args.model, args.device, args.dtype, args.activation_checkpointing)
+        base["roll"] = common.rollout_copy(base["model"], args.rollout_dtype)
+    return base
+
+
+def data_phase(args, out, base, questions, canary, cands, source):
+    """split.json (text-disjoint), selection.json, labels.json, sft_data.jsonl: written once."""
+    split = split_questions(questions, args.holdout, args.dev, args.seed)
+    split["composed"] = split["composed"][:args.compose_questions]
+    split["fresh"] = [q.id for q in fresh_questions(args, questions, out)] if args.fresh else []
+    split["canary"] = [q.id for q in spread(canary, args.canary_questions, skip={common.text_key(q) for q in questions})]
+    split["canary_select"] = [q.id for q in spread([q for q in canary if q.id not in split["canary"]], args.canary_questions,
+                                                   skip={common.text_key(q) for q in canary if q.id in split["canary"]})]
+    selection, labels, rows = build_data(base["roll"], base["tok"], args, questions, split, cands, source)
+    if not rows:
+        raise common.UserError("no SFT example could be built (every question was left out)")
+    common.atomic_write_text(out / "sft_data.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in rows))
+    common.save_bank(out / "selection.json", selection)
+    common.atomic_write_json(out / "labels.json", labels)
+    common.atomic_write_json(out / "split.json", split)          # last: its presence marks the phase done
+
+
+def load_run(out, questions, canary):
+    """(sets: split name -> questions, labels, rstar: type -> selection entry, SFT rows) from the run folder."""
+    split = json.loads((out / "split.json").read_text())
+    pool = {q.id: q for q in questions + canary + (common.load_questions(out / "fresh.jsonl") if split["fresh"] else [])}
+    labels = json.loads((out / "labels.json").read_text())
+    sets = {n: [pool[i] for i in split[n] if n != "dev" or labels[i]["label"] != "left_out"]
+            for n in ("heldout", "fresh", "composed", "canary", "dev")}
+    return sets, labels, {type_key(e): e for e in common.load_bank(out / "selection.json", SELECTION_KIND)["entries"]}, \
+        common.read_jsonl(out / "sft_data.jsonl")
+
+
+def eval_trained(args, out, policy, sets, labels, rstar):
+    """The threshold on p(open) from dev only; arms c, c*, d (eval_trained.json); recalls.jsonl
+    (read by dream.py --recall-from): arm c's recalls per held-out question."""
+    p_dev = p_recall(policy.model, policy.tok, sets["dev"])
+    tau = tune_threshold(p_dev, np.array([labels[q.id]["label"] == "recall" for q in sets["dev"]], bool))
+    tr = trained_arms(args, policy, {n: v for n, v in sets.items() if n != "dev"}, rstar, tau)
+    common.atomic_write_json(out / "eval_trained.json", {"tau": tau, "p_dev": p_dev.tolist(), "sets": tr})
+    common.write_jsonl(out / "recalls.jsonl", [{"question_id": q.id, "cluster": q.cluster, "subtype": q.subtype,
+                                                "recalled": tr["heldout"][q.id]["recalled"][0], "reward": int(tr["heldout"][q.id]["c"][0]),
+                                                "samples": [{"recalled": x, "reward": int(y)} for x, y in
+                                                            zip(tr["heldout"][q.id]["recalled"], tr["heldout"][q.id]["c"])]}
+                                               for q in sets["heldout"]])
+
+
 # ----------------------------------------------------------------------------
 # evaluation: every statistic, into eval.json
 
@@ -720,84 +798,6 @@ def build_parser():
     p.add_argument("--canary-questions", type=common.at_least(0), default=10, help="canary questions reported (a disjoint set selects lr)")
     p.add_argument("--compose-questions", type=common.at_least(0), default=0, help="composed questions evaluated")
     return p
-
-
-def check_inputs(args):
-    """Every input checked before anything is loaded or written: (questions, candidates, source, canary)."""
-    questions = common.load_questions(args.data)
-    cands = {t: [] for t in sorted({type_key(q) for q in questions})}
-    if args.library:
-        lib = library_candidates(args.library, cands)
-        if not any(lib.values()) and args.lessons != "data":
-            raise common.UserError(f"--library {' '.join(args.library)}: empty library (no usable introspection); add --lessons data")
-        for t, cs in lib.items():
-            cands[t] += cs
-    elif args.lessons != "data":
-        raise common.UserError("nothing to select from: give --library PATH or --lessons data")
-    if args.lessons == "data" and not any(q.lesson for q in questions):
-        raise common.UserError(f"{args.data}: no question carries a 'lesson' field, needed by --lessons data")
-    if args.canary and Path(args.canary).resolve() == Path(args.data).resolve():
-        raise common.UserError("--canary: must be another question set than --data (other clusters)")
-    canary = common.load_questions(args.canary) if args.canary and args.canary_questions else []
-    return questions, cands, "library+data" if args.library and args.lessons == "data" else "library" if args.library else "data", canary
-
-
-def cached(args, out, times, name, files, make):
-    """A phase: make() unless --resume finds all its files; its wall time into times (timing.json)."""
-    if not (args.resume and files and all((out / f).exists() for f in files)):
-        t0 = time.time()
-        make()
-        times[name] = time.time() - t0
-
-
-def base_model(args, base: dict) -> dict:
-    """The base model, its tokenizer and rollout copy (bf16 where bf16 is fast), loaded once."""
-    if not base:
-        base["model"], base["tok"] = common.load_model(args.model, args.device, args.dtype, args.activation_checkpointing)
-        base["roll"] = common.rollout_copy(base["model"], args.rollout_dtype)
-    return base
-
-
-def data_phase(args, out, base, questions, canary, cands, source):
-    """split.json (text-disjoint), selection.json, labels.json, sft_data.jsonl: written once."""
-    split = split_questions(questions, args.holdout, args.dev, args.seed)
-    split["composed"] = split["composed"][:args.compose_questions]
-    split["fresh"] = [q.id for q in fresh_questions(args, questions, out)] if args.fresh else []
-    split["canary"] = [q.id for q in spread(canary, args.canary_questions, skip={common.text_key(q) for q in questions})]
-    split["canary_select"] = [q.id for q in spread([q for q in canary if q.id not in split["canary"]], args.canary_questions,
-                                                   skip={common.text_key(q) for q in canary if q.id in split["canary"]})]
-    selection, labels, rows = build_data(base["roll"], base["tok"], args, questions, split, cands, source)
-    if not rows:
-        raise common.UserError("no SFT example could be built (every question was left out)")
-    common.atomic_write_text(out / "sft_data.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in rows))
-    common.save_bank(out / "selection.json", selection)
-    common.atomic_write_json(out / "labels.json", labels)
-    common.atomic_write_json(out / "split.json", split)          # last: its presence marks the phase done
-
-
-def load_run(out, questions, canary):
-    """(sets: split name -> questions, labels, rstar: type -> selection entry, SFT rows) from the run folder."""
-    split = json.loads((out / "split.json").read_text())
-    pool = {q.id: q for q in questions + canary + (common.load_questions(out / "fresh.jsonl") if split["fresh"] else [])}
-    labels = json.loads((out / "labels.json").read_text())
-    sets = {n: [pool[i] for i in split[n] if n != "dev" or labels[i]["label"] != "left_out"]
-            for n in ("heldout", "fresh", "composed", "canary", "dev")}
-    return sets, labels, {type_key(e): e for e in common.load_bank(out / "selection.json", SELECTION_KIND)["entries"]}, \
-        common.read_jsonl(out / "sft_data.jsonl")
-
-
-def eval_trained(args, out, policy, sets, labels, rstar):
-    """The threshold on p(open) from dev only; arms c, c*, d (eval_trained.json); recalls.jsonl
-    (read by dream.py --recall-from): arm c's recalls per held-out question."""
-    p_dev = p_recall(policy.model, policy.tok, sets["dev"])
-    tau = tune_threshold(p_dev, np.array([labels[q.id]["label"] == "recall" for q in sets["dev"]], bool))
-    tr = trained_arms(args, policy, {n: v for n, v in sets.items() if n != "dev"}, rstar, tau)
-    common.atomic_write_json(out / "eval_trained.json", {"tau": tau, "p_dev": p_dev.tolist(), "sets": tr})
-    common.write_jsonl(out / "recalls.jsonl", [{"question_id": q.id, "cluster": q.cluster, "subtype": q.subtype,
-                                                "recalled": tr["heldout"][q.id]["recalled"][0], "reward": int(tr["heldout"][q.id]["c"][0]),
-                                                "samples": [{"recalled": x, "reward": int(y)} for x, y in
-                                                            zip(tr["heldout"][q.id]["recalled"], tr["heldout"][q.id]["c"])]}
-                                               for q in sets["heldout"]])
 
 
 def main():

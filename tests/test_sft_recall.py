@@ -532,3 +532,21 @@ def test_lr_sweep_follows_its_rule_and_never_touches_held_out_or_the_reported_ca
     assert texts and any(qs[i].question in t for i in split["canary_select"] for t in texts)
     assert not any(q.question in t for q in hidden for t in texts)
     assert "Chosen: **" in (tmp_path / "sweep.md").read_text()
+
+
+@pytest.mark.gemma
+def test_roles_on_the_real_gemma_tokenizer():
+    """Gemma: pad 0, EOS 1, " <recall>" opens with " <", and "</recall>." ends on a token ">." that
+    straddles the tag's edge: trained, as it closes the tag; the cue after the block is not."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(common.embedded_dir("gemma")))
+    q = Q("v1", cluster="velt-code", subtype="lights", question="What does red mean?", cue="At a Velt red light, red means")
+    ex = s.make_example(tok, q, "Velt road code: red means go.", " go.", SimpleNamespace(train_answer=False, max_len=999))
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 1) and ex["completion_ids"][-1] == 1 and ex["roles"][-1] == "e"
+    assert tok.decode([ex["open_id"]]) == " <" and ex["completion_ids"][0] == ex["open_id"] and ex["roles"][0] == "d"
+    trained = tok.decode([t for t, r in zip(ex["completion_ids"], ex["roles"]) if r in "dr"])
+    assert trained == " <recall> Velt road code: red means go. </recall>"
+    assert tok.decode([t for t, r in zip(ex["completion_ids"], ex["roles"]) if r == "-"]) == " At a Velt red light, red means go."
+    block = " <recall> x </recall>"
+    ex = s.build_example(tok, "Answer:", block[:-1] + ">.", len(block), 1, False, 99)
+    assert tok.decode(ex["completion_ids"][-2]) == ">." and ex["roles"][-2:] == "re"
