@@ -191,7 +191,8 @@ def recall_open(head: str) -> str:
     return (" " if head.endswith(":") else "") + OPEN
 
 
-recall_block = lambda head, lesson: f"{recall_open(head)} {lesson.strip()} {CLOSE}"   # noqa: E731
+def recall_block(head: str, lesson: str) -> str:
+    return f"{recall_open(head)} {lesson.strip()} {CLOSE}"
 
 
 def open_id(tok, head: str) -> int:
@@ -498,7 +499,7 @@ def free_arm(policy, args, qs, p, tau, d):
     s = common.score(policy.rollout, tok, [qs[i] for i in rec], [heads[i][0] + recall_open(heads[i][0]) for i in rec],
                      args.eval_samples, args.seed, "eval-recall", **sampling(args, args.recall_tokens, RECALL_STOP)) if rec else None
     bodies = {i: [x.text.strip() for x in s.samples[k]] for k, i in enumerate(rec)}
-    closed = {i: [tok.decode(x.token_ids).endswith(CLOSE) for x in s.samples[k]] for k, i in enumerate(rec)}
+    closed = {i: [CLOSE in tok.decode(x.token_ids) for x in s.samples[k]] for k, i in enumerate(rec)}   # ">." may merge
     jobs = [(i, j, heads[i][0] + recall_block(heads[i][0], b_) + heads[i][1]) for i in rec for j, b_ in enumerate(bodies[i])]
     seeds = [common.stream_seed(args.seed, "eval", zlib.crc32(qs[i].id.encode()), j) for i, j, _ in jobs]  # = score's row j
     c = np.array(d, float)
