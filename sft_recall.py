@@ -728,10 +728,13 @@ def write_report(out):
               + ", ".join(f"{k} {ms[0][k] or 0:.3f} -> {ms[-1][k] or 0:.3f}" for k in ("loss", "loss_decision", "loss_recall", "loss_eos"))
               + f"; median step {np.median([m['step_time'] for m in ms]):.1f} s (`metrics.jsonl`)."]
     for name, st in ev["sets"].items():
-        L += ["", f"## {name}: arms a, b, b_slot, c, c*, d (threshold on p(open) {ev['tau']:.3f})", ""]
+        L += ["", f"## {name}: arms a, b, b_slot, c, c*, d (threshold on p(open) {ev['tau']:.3f})", "",
+              "Per type, means only where a type has under 5 questions (no interval under 5 clusters; `eval.json` has them all).", ""]
         L += common.md_table(["type", "beneficial", "recalled", "questions", *map(nm, ARMS), "c - d", "c* - d"],
                              [[t, "yes" if x["beneficial"] else "no", f"{x['recall_rate']:.2f}", x["n_questions"], *(
-                                 f"{x['acc'][k]['mean']:.2f}" for k in ARMS), f(x["c - d"]), f(x["c_star - d"])] for t, x in st["by_type"].items()])
+                                 f"{x['acc'][k]['mean']:.2f}" for k in ARMS), *(f(x[k]) if x["n_questions"] >= common.MIN_CLUSTERS
+                                                                              else f"{x[k]['mean']:+.2f}" for k in ("c - d", "c_star - d"))]
+                              for t, x in st["by_type"].items()])
         for part in ("all", "beneficial"):
             x = st.get(part)
             L += ["", f"**{part}** ({x['n_questions']} questions): " + ", ".join(f"{nm(k)} {fu(v)}" for k, v in x["acc"].items()) +
