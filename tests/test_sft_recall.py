@@ -550,3 +550,16 @@ def test_roles_on_the_real_gemma_tokenizer():
     block = " <recall> x </recall>"
     ex = s.build_example(tok, "Answer:", block[:-1] + ">.", len(block), 1, False, 99)
     assert tok.decode(ex["completion_ids"][-2]) == ">." and ex["roles"][-2:] == "re"
+
+
+def test_the_committed_default_run_is_text_disjoint():
+    """results/sft-default: no evaluated question's text is in its sft_data.jsonl (the review found
+    15 of 40 held-out questions word for word in the rows of the run before it)."""
+    run = ROOT / "results" / "sft-default"
+    split = json.loads((run / "split.json").read_text())
+    qs = {q.id: q for f in ("procedural.jsonl", "obstetrics.jsonl") for q in common.load_questions(ROOT / "data" / f)}
+    trained = {common.text_key(qs[r["question_id"]]) for r in common.read_jsonl(run / "sft_data.jsonl")}
+    assert trained and split["heldout"] and split["canary"] and split["canary_select"]
+    for name in ("heldout", "dev", "canary", "canary_select", "composed", "fresh"):
+        assert not trained & {common.text_key(qs[i]) for i in split[name]}, name
+    assert not {common.text_key(qs[i]) for i in split["canary"]} & {common.text_key(qs[i]) for i in split["canary_select"]}
