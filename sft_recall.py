@@ -15,10 +15,10 @@ question types where a lesson helps, and to answer plainly elsewhere.
      at the decision slot; e (--placebo) the type -> lesson map rotated.
 Deliberate simplifications: (1) the decision is one threshold on p(open) tuned on dev, taken once per
 question; (2) the tied embedding is frozen (--train-embeddings to train it); (3) held-out keeps one
-question per text (option orders are not separate evidence); (4) lr 3e-5 x 2 epochs comes from
-bench/sweep_sft_lr.py (results/sft-lr-sweep-v2), under a CPU budget.
+question per text (option orders are not separate evidence); (4) lr 1e-4 x 2 epochs is the pick of
+bench/sweep_sft_lr.py's pre-registered rule (results/sft-lr-sweep-v2: it forgets at the point, see there).
 
-    python sft_recall.py --model gemma --lessons data                 # the default run (results/sft-default)
+    python sft_recall.py --model gemma --lessons data                 # the default (results/sft-default: at lr 3e-5)
     python sft_recall.py --library runs/A/library.json --model runs/A/checkpoint
     python sft_recall.py --out runs/NAME --resume ...                 # continue after a kill
 """
@@ -789,7 +789,7 @@ def build_parser():
     p.add_argument("--max-len", type=common.at_least(8), default=384, help="prompt + completion tokens per SFT row")
     p.add_argument("--epochs", type=common.at_least(1), default=2)
     p.add_argument("--batch-size", type=common.at_least(1), default=8)
-    p.add_argument("--lr", type=common.positive, default=3e-5, help="AdamW learning rate (bench/sweep_sft_lr.py)")
+    p.add_argument("--lr", type=common.positive, default=1e-4, help="AdamW learning rate (results/sft-lr-sweep-v2/SELECTION.md)")
     p.add_argument("--warmup", type=common.at_least(0), default=2, help="warmup steps")
     p.add_argument("--clip", type=common.positive, default=1.0)
     p.add_argument("--weight-decay", type=common.non_negative, default=0.0)
