@@ -533,7 +533,7 @@ def trained_arms(args, policy, sets, rstar, tau) -> dict:
     return res
 
 
-def run_placebo(args, out, tok, examples, rstar, by_id, dev, labels, heldout) -> dict:
+def run_placebo(args, out, tok, examples, rstar, by_id, sets, labels) -> dict:
     """Arm e: retrain from the base model on the same rows with each beneficial type's r* replaced by
     the next beneficial type's (a rotation: no type keeps its own), then arm c on held-out."""
     ben = sorted(t for t, e in rstar.items() if e["beneficial"])
@@ -544,8 +544,8 @@ def run_placebo(args, out, tok, examples, rstar, by_id, dev, labels, heldout) ->
             if e["kind"] == "recall" else e for e in examples]
     common.atomic_write_text(out / "placebo" / "sft_data.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in rows))
     policy = train(args, out / "placebo", rows, tag="placebo")
-    tau = tune_threshold(p_recall(policy.model, tok, dev), np.array([labels[q.id]["label"] == "recall" for q in dev]))
-    return {"tau": tau, "mapping": mapping, "heldout": trained_arms(args, policy, {"heldout": heldout}, {}, tau)["heldout"]}
+    tau = tune_threshold(p_recall(policy.model, tok, sets["dev"]), np.array([labels[q.id]["label"] == "recall" for q in sets["dev"]]))
+    return {"tau": tau, "mapping": mapping, "heldout": trained_arms(args, policy, {"heldout": sets["heldout"]}, {}, tau)["heldout"]}
 
 
 def check_inputs(args):
@@ -828,7 +828,7 @@ def main():
     if args.placebo:
         cached(args, out, times, "placebo", ["eval_placebo.json"], lambda: common.atomic_write_json(
             out / "eval_placebo.json", run_placebo(args, out, policy.tok, examples, rstar, {q.id: q for q in questions},
-                                                   sets["dev"], labels, sets["heldout"])))
+                                                   sets, labels)))
     # 5. every statistic (eval.json), then the report, which reads the run folder only
     cached(args, out, times, "report", [], lambda: evaluate(args, out, evals, rstar))
     common.atomic_write_json(out / "timing.json", {**{f"{k}_s": round(v, 1) for k, v in times.items()},
