@@ -54,7 +54,11 @@ def test_one_full_cycle(files, tmp_path, monkeypatch):
                                   "--epochs", "1", "--batch-size", "8"])
     assert json.loads((B / "config.json").read_text())["model"] == str(A / "checkpoint")
     sel = common.load_bank(B / "selection.json", sft_recall.SELECTION_KIND)["entries"]
-    assert any(e["lesson"] == lib[0]["text"] for e in sel), "Phase 2 selected from Phase 1's library"
+    k = next(e for e in sel if e["cluster"] == lib[0]["cluster"])
+    assert k["lesson"] == lib[0]["text"] and k["source"] == "library", "Phase 2 selected Phase 1's lesson"
+    rows = common.read_jsonl(B / "sft_data.jsonl")
+    assert k["beneficial"] and any(r["kind"] == "recall" and r["lesson"] == lib[0]["text"] for r in rows), \
+        "Phase 2 trained Phase 1's lesson into its recall rows"
     assert (B / "recalls.jsonl").exists() and (B / "checkpoint" / "model.safetensors").exists()
 
     # Test-time dreaming of the lesson the Phase 2 run recalls (or selected), on its weights
