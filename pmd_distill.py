@@ -280,8 +280,7 @@ def diagnose(args, teacher, tok, qs, ctx, st, rec, first_of_epoch: bool) -> None
     if first_of_epoch:
         pairs = [(q, c.prompt) for q, c in zip(qs, firsts) if c is not None]
         rec["probe"] = {"with_context": first_token_mass(teacher, tok, [q for q, _ in pairs], [p for _, p in pairs]),
-                        "without": first_token_mass(teacher, tok, [q for q, _ in pairs],
-                                                    [common.question_prompt(tok, q) for q, _ in pairs])}
+                        "without": first_token_mass(teacher, tok, qs, [common.question_prompt(tok, q) for q in qs])}
     if args.method == "pmd":
         blocks = [(q, retrieve(st.memory, q, levels_of(args), tok, args.memory_tokens)[1]) for q in qs]
         blocks = [(q, m) for q, m in blocks if m]
@@ -856,8 +855,9 @@ def write_report(out: Path) -> None:
     if probes:
         lines += ["", "## The teacher at the first answer position (epoch's first step)", ""]
         lines += common.md_table(["step", "P(stop) with / without context", "P(option) with / without context"],
-                                 [[m["step"], f"{m['probe']['with_context']['p_stop']:.3f} / {m['probe']['without']['p_stop']:.3f}",
-                                   f"{m['probe']['with_context']['p_option']:.3f} / {m['probe']['without']['p_option']:.3f}"] for m in probes])
+                                 [[m["step"]] + [" / ".join("-" if m["probe"][w][k] is None else f"{m['probe'][w][k]:.3f}"
+                                                            for w in ("with_context", "without")) for k in ("p_stop", "p_option")]
+                                  for m in probes])
     ends = [m["epoch_end"] for m in rows if "epoch_end" in m]
     if ends:
         lines += ["", "## Gate, per epoch", ""]

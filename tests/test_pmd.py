@@ -293,9 +293,9 @@ def fake_verify(q, text):
     return 0.0, f"expected {q.answer}, got {text[:5]!r}"
 
 
-def run(files, out, monkeypatch, *extra, expect_fail=False):
+def run(files, out, monkeypatch, *extra, verify=fake_verify):
     monkeypatch.setattr(common, "FORMAT_EXAMPLES", "")     # short prompts keep the tiny runs fast
-    monkeypatch.setattr(common, "verify", fake_verify)
+    monkeypatch.setattr(common, "verify", verify)
     argv = ["pmd_distill.py", "--model", str(files / "model"), "--data", str(files / "q.jsonl"), "--out", str(out),
             "--G", "4", "--B", "2", "--max-new-tokens", "3", "--eval-samples", "1", "--dev-samples", "1", "--permutations", "2",
             "--test-per-type", "1", "--train-per-type", "1", "--epochs", "1", "--top-k", "8", *extra]
