@@ -175,7 +175,7 @@ def gate_world(tiny, gains_by_sibling, n_siblings):
 @pytest.mark.parametrize("gains, n_sib, admitted", [
     ({"q1": 0.5, "q2": 0.6, "q3": 0.7}, 3, 1),       # lower bound above 0
     ({"q1": 0.5, "q2": -0.4, "q3": 0.7}, 3, 0),      # mean > 0, lower bound below 0: not admitted
-    ({"q1": 0.5, "q2": 0.6}, 2, 0),                  # two siblings only: nothing admitted, and it says so
+    ({"q1": 1.0, "q2": 1.01}, 2, 0),                 # two siblings only (however clear): nothing admitted, it says so
 ])
 def test_gate_admits_on_the_lower_bound_over_three_siblings_never_a_source(tiny, monkeypatch, gains, n_sib, admitted):
     args, policy, st, train, fake, seen = gate_world(tiny, gains, n_sib)
@@ -294,8 +294,10 @@ def test_score_set_scores_every_rotation_with_the_same_rows_for_any_model(tiny, 
 
 
 def test_training_questions_are_scored_before_and_after_on_the_same_rows(files, tmp_path, monkeypatch):
-    out = tmp_path / "ctl"
+    out, seen, real = tmp_path / "ctl", [], pmd.score_set
+    monkeypatch.setattr(pmd, "score_set", lambda args, m, *a: seen.append((a[2], [q.id for q in a[1]])) or real(args, m, *a))
     run(files, out, monkeypatch, "--method", "grpo", "--lr", "1e-3")
+    assert [s for s, _ in seen].count("train-control") == 2              # before and after, the same stream
     ev, split = json.loads((out / "eval.json").read_text()), json.loads((out / "split.json").read_text())
     assert [p["id"] for p in ev["base"]["train"]] == [p["id"] for p in ev["final"]["train"]] == split["train"]
     assert ev["summary"]["train_control"]["n"] == len(split["train"]) * 2
