@@ -44,6 +44,8 @@ METHODS = ("grpo", "sdpo", "pmd")
 LEVELS = ("experience", "insight", "behavior")
 MEMORY_KIND = "pmd-memory"
 FEEDBACK_MODES = ("none", "without-solution", "always")
+SETTINGS = ("method", "feedback", "teacher_format", "alpha", "tail", "grpo_blend", "lr", "warmup", "ema", "reflector",
+            "seed_memory", "levels", "freeze", "permutations", "B", "G", "epochs")     # named in every report
 
 # SDPO's own wording (lasgroup/SDPO), in plain text for a base model; the memory block is ours.
 SOLUTION = "\nCorrect solution:\n\n{y}\n\n"
@@ -121,8 +123,11 @@ class State:
 
 def train_and_evaluate(args, out: Path, split) -> dict:
     """The loop in the paper's terms, then the held-out evaluation (eval.json, report.md)."""
-    if args.resume and (out / "eval.json").exists():
-        return rerender(args, out)
+    if args.resume and (out / "eval.json").exists():       # finished: keep its samples, re-derive the rest
+        res = add_summaries(json.loads((out / "eval.json").read_text()), args)
+        common.atomic_write_json(out / "eval.json", res)
+        write_report(out)
+        return res
     policy, teacher, st = setup(args, out, split)
     train, per_epoch = split["train"], math.ceil(len(split["train"]) / args.B)
     total, t_run = per_epoch * args.epochs, time.time()
@@ -292,17 +297,14 @@ def diagnose(args, teacher, tok, qs, ctx, st, rec, first_of_epoch: bool) -> None
 
 
 def grpo_loss_on(args, policy, rolls, rec):
-    """GRPO's loss, backward per micro-batch; a zero-variance group has A = 0 and is skipped.
-    Divided by the tokens of the groups used (global token-mean). Returns its value, or None."""
-    R = torch.tensor([r.reward for r in rolls]).view(-1, args.G)                  # (B, G)
-    w = 1.0 if args.method == "grpo" else args.grpo_blend
-    A = grpo_advantages(R).view(-1).to(policy.device) * w                         # (B*G,)
+    """GRPO's loss (A = r - group mean; zero-variance groups skipped), global token-mean, backward per micro-batch."""
+    R = torch.tensor([r.reward for r in rolls]).view(-1, args.G)                                        # (B, G)
+    A = grpo_advantages(R).view(-1).to(policy.device) * (1.0 if args.method == "grpo" else args.grpo_blend)   # (B*G,)
     rows = [i for i in range(len(rolls)) if R[i // args.G].std() > 0]
     n, total = sum(len(rolls[i].completion_ids) for i in rows), 0.0
     rec.update(groups_used=len(rows) // args.G, active_tokens=rec.get("active_tokens", 0) + n)
     for mb in chunks(rows, args.micro_batch):
-        lp = common.token_logprobs(policy.model, [rolls[i].prompt_ids for i in mb], [rolls[i].completion_ids for i in mb],
-                                   temperature=args.temperature, pad_id=policy.tok.pad_token_id)
+        lp = student_logprobs(args, policy, rolls, mb)
         loss = grpo_loss(lp["logprobs"], lp["mask"], A[mb]) * (lp["mask"].sum() / n)
         loss.backward()
         total += float(loss.detach())
@@ -311,25 +313,27 @@ def grpo_loss_on(args, policy, rolls, rec):
 
 
 def sdpo_loss_on(args, policy, teacher, rolls, ctx, st, rec):
-    """SDPO's divergence to the context-conditioned teacher, backward per micro-batch. A rollout
-    with no context gets no loss. Teacher input: its prompt ids, then the student's SAME ids."""
-    rows = [i for i, c in enumerate(ctx) if c.prompt is not None]
-    n, total, k = sum(len(rolls[i].completion_ids) for i in rows), 0.0, min(args.top_k, policy.model.config.vocab_size)
+    """SDPO's divergence to the context-conditioned teacher, backward per micro-batch; no context, no loss.
+    The teacher reads its own prompt ids, then the student's SAME completion ids (never re-tokenised)."""
+    rows, pad = [i for i, c in enumerate(ctx) if c.prompt is not None], policy.tok.pad_token_id
+    n, total = sum(len(rolls[i].completion_ids) for i in rows), 0.0
     for mb in chunks(rows, args.micro_batch):
-        comp, pad = [rolls[i].completion_ids for i in mb], policy.tok.pad_token_id
-        s = common.token_logprobs(policy.model, [rolls[i].prompt_ids for i in mb], comp,
-                                  temperature=args.temperature, pad_id=pad, student_top_k=k)
-        t_ids = [common.encode(policy.tok, ctx[i].prompt) for i in mb]
+        s = student_logprobs(args, policy, rolls, mb, top_k=min(args.top_k, policy.model.config.vocab_size))
+        t_ids, comp = [common.encode(policy.tok, ctx[i].prompt) for i in mb], [rolls[i].completion_ids for i in mb]
         with torch.no_grad():
-            t = common.token_logprobs(teacher, t_ids, comp, temperature=args.temperature, pad_id=pad,
-                                      extra_ids=s["student_topk_ids"])
-        loss = (1 - args.grpo_blend) * sdpo_loss(s["student_topk_logprobs"], t["extra_logprobs"], s["mask"],
-                                                 args.alpha, args.tail, n_active=n)
+            t = common.token_logprobs(teacher, t_ids, comp, temperature=args.temperature, pad_id=pad, extra_ids=s["student_topk_ids"])
+        loss = (1 - args.grpo_blend) * sdpo_loss(s["student_topk_logprobs"], t["extra_logprobs"], s["mask"], args.alpha, args.tail, n_active=n)
         loss.backward()
         total += float(loss.detach())
         note_mismatch(rec, rolls, mb, s)
         st.compute["teacher_tokens"] += sum(map(len, t_ids)) + sum(map(len, comp))
     return total if rows else None
+
+
+def student_logprobs(args, policy, rolls, mb, top_k=0):
+    """The trained policy's log-probs of rows mb (with grad); top_k: SDPO's student top-k ids too."""
+    return common.token_logprobs(policy.model, [rolls[i].prompt_ids for i in mb], [rolls[i].completion_ids for i in mb],
+                                 temperature=args.temperature, pad_id=policy.tok.pad_token_id, student_top_k=top_k)
 
 
 def chunks(rows, size):
@@ -487,15 +491,10 @@ def as_turn(tok, text: str) -> str:
     return common.format_prompt(tok, text, chat=True) if getattr(tok, "chat_template", None) else text
 
 
-def gold_strings(q) -> list[str]:
-    """Strings that give q's answer away: the option text of an mcq, the answer of text/number."""
-    return [q.choices[common.LETTERS.index(q.answer)]] if q.answer_type == "mcq" else [str(q.answer)]
-
-
 def scrub(q, text: str) -> str:
-    for g in gold_strings(q):
-        text = re.sub(rf"(?<!\w){re.escape(g)}(?!\w)", "[...]", text, flags=re.I)
-    return text
+    """text without q's gold answer: the option text of an mcq, the answer of text/number."""
+    gold = q.choices[common.LETTERS.index(q.answer)] if q.answer_type == "mcq" else str(q.answer)
+    return re.sub(rf"(?<!\w){re.escape(gold)}(?!\w)", "[...]", text, flags=re.I)
 
 
 def redact(q, feedback: str, produced=()) -> str:
@@ -527,12 +526,9 @@ def first_token_mass(model, tok, qs, prompts) -> dict:
 # ---- procedural memory: experience / insight / behavior, one plain JSON bank
 
 
-def words(s: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", s.lower()))
-
-
 def jaccard(a: str, b: str) -> float:
-    wa, wb = words(a), words(b)
+    """Word overlap, the insight similarity (no embedding model)."""
+    wa, wb = (set(re.findall(r"[a-z0-9]+", x.lower())) for x in (a, b))
     return len(wa & wb) / max(1, len(wa | wb))
 
 
@@ -546,23 +542,20 @@ def next_id(mem, level: str) -> str:
     return f"{level[0]}{mem['next_id']:05d}"
 
 
-def solved(mem, qid: str) -> bool:
-    return any(e["level"] == "experience" and e["question"] == qid and e["reward"] == 1 for e in mem["entries"])
-
-
 def add_experience(mem, q, completion: str, reward: float, feedback: str, epoch: int, step: int,
                    max_success: int = 2, max_failure: int = 1) -> None:
     """Record one verified rollout (a repeat is counted, not stored twice); at most max_success
     successes and max_failure failures per question, the newest kept. A failure is stored without
     the gold answer (scrubbed text, redacted feedback) while the question is unsolved."""
-    if reward != 1 and not solved(mem, q.id):
+    if reward != 1 and not any(e["level"] == "experience" and e["question"] == q.id and e["reward"] == 1
+                               for e in mem["entries"]):
         completion, feedback = scrub(q, completion), redact(q, feedback)
     for e in mem["entries"]:
         if e["level"] == "experience" and e["question"] == q.id and e["text"] == completion:
             e["count"], e["epoch"], e["step"] = e["count"] + 1, epoch, step
             return
-    shown = answer_text(q, completion) if q.cue or q.answer_type != "mcq" else \
-        f"{q.question.strip()} Answer: {readable(q, completion)}"
+    k = common.answer_key(q, completion) if q.answer_type == "mcq" and not q.cue else None
+    shown = f"{q.question.strip()} Answer: {k}) {q.choices[common.LETTERS.index(k)]}" if k else answer_text(q, completion)
     mem["entries"].append({"id": next_id(mem, "experience"), "level": "experience", "question": q.id,
                            "cluster": q.cluster, "subtype": q.subtype, "text": completion, "shown": shown,
                            "reward": reward, "feedback": feedback, "epoch": epoch, "step": step,
@@ -571,12 +564,6 @@ def add_experience(mem, q, completion: str, reward: float, feedback: str, epoch:
         mine = [e for e in mem["entries"] if e["level"] == "experience" and e["question"] == q.id and (e["reward"] == 1) == ok]
         for e in sorted(mine, key=lambda e: e["step"])[:max(0, len(mine) - cap)]:
             mem["entries"].remove(e)
-
-
-def readable(q, completion: str) -> str:
-    """An mcq answer with its option text ('B) stop'), so another question's teacher can read it."""
-    k = common.answer_key(q, completion)
-    return f"{k}) {q.choices[common.LETTERS.index(k)]}" if k else completion.strip()
 
 
 def score(e) -> int:
@@ -773,7 +760,7 @@ def evaluate(args, policy, split, st, out) -> dict:
     print("evaluating on the held-out test questions and the training questions...")
     mem = st.memory if args.freeze == "policy" else None     # the in-context agent keeps its memory
     m, tok = policy.rollout, policy.tok
-    res = {"method": args.method, "settings": settings(args), "base": st.base,
+    res = {"method": args.method, "settings": {k: getattr(args, k) for k in SETTINGS}, "base": st.base,
            "final": {"test": score_set(args, m, tok, split["test"], "eval", args.eval_samples, mem),
                      "train": score_set(args, m, tok, split["train"], "train-control", args.eval_samples, mem)},
            "best_on_dev": dict(st.best), "dev_curve": st.dev, "memory_size": level_sizes(st.memory),
@@ -792,12 +779,6 @@ def evaluate(args, policy, split, st, out) -> dict:
     return res
 
 
-def settings(args) -> dict:
-    keys = ("method", "feedback", "teacher_format", "alpha", "tail", "grpo_blend", "lr", "warmup", "ema",
-            "reflector", "seed_memory", "levels", "freeze", "permutations", "B", "G", "epochs")
-    return {k: getattr(args, k) for k in keys}
-
-
 def add_summaries(res, args) -> dict:
     """Summaries and paired contrasts from the per-question samples only (a --resume re-derives them)."""
     s = lambda pq: summarise(pq, args.seed, args.pass_k)
@@ -811,14 +792,6 @@ def add_summaries(res, args) -> dict:
     return res
 
 
-def rerender(args, out) -> dict:
-    print(f"{out}: finished earlier; keeping its samples, recomputing its summaries and report")
-    res = add_summaries(json.loads((out / "eval.json").read_text()), args)
-    common.atomic_write_json(out / "eval.json", res)
-    write_report(out)
-    return res
-
-
 # ----------------------------------------------------------------------------
 # report: reads the run folder only
 
@@ -827,79 +800,68 @@ def fmt(ci, signed=False):
     return common.fmt_ci(ci, signed=signed)
 
 
+def ctx_counts(m) -> str:
+    return "/".join(str(m.get(k, "-")) for k in ("group_contexts", "memory_contexts", "feedback_contexts", "no_context"))
+
+
 def write_report(out: Path) -> None:
     """One run's report.md from its config.json, eval.json and metrics.jsonl."""
-    cfg, res = json.loads((out / "config.json").read_text()), json.loads((out / "eval.json").read_text())
-    rows, s = common.read_metrics(out), res["summary"]
+    cfg, res, rows = json.loads((out / "config.json").read_text()), json.loads((out / "eval.json").read_text()), common.read_metrics(out)
+    s, f3 = res["summary"], lambda x: "-" if x is None else f"{x:.3g}"
     lines = [f"# {cfg['method']}: {out.name}", "", "Settings: " + ", ".join(f"{k} {v}" for k, v in res["settings"].items()), "",
-             f"Held-out test: {s['final']['n_questions']} questions x {s['final']['n_samples']} samples "
-             f"({cfg['permutations']} option rotations); paired by question and row. 95% intervals.", ""]
-    table = [["base", fmt(s["base"]["accuracy"]), fmt(s["base"]["no_answer"]), fmt(s["base"]["coverage"]), "-"],
-             ["final", fmt(s["final"]["accuracy"]), fmt(s["final"]["no_answer"]), fmt(s["final"]["coverage"]),
-              fmt(s["final_vs_base"], True)]]
-    if "best" in s:
-        table.append([f"best on dev (epoch {res['best_on_dev']['epoch']})", fmt(s["best"]["accuracy"]),
-                      fmt(s["best"]["no_answer"]), fmt(s["best"]["coverage"]), fmt(s["best_vs_base"], True)])
+             f"Held-out test: {s['final']['n_questions']} questions x {s['final']['n_samples']} samples ({cfg['permutations']} "
+             "option rotations), paired by question and row. 95% intervals.", ""]
+    table = [[w, fmt(s[k]["accuracy"]), fmt(s[k]["no_answer"]), fmt(s[k]["coverage"]), fmt(s.get(f"{k}_vs_base"), True)]
+             for w, k in (("base", "base"), ("final", "final"), (f"best on dev (epoch {res['best_on_dev']['epoch']})", "best")) if k in s]
     lines += common.md_table(["weights", "accuracy", "no answer", "coverage", "vs base (paired)"], table)
     lines += ["", "pass@k (final): " + ", ".join(f"k={k}: {fmt(v)}" for k, v in s["final"]["pass_at_k"].items()), "",
               f"Positive control, its own training questions: before {fmt(s['base_train']['accuracy'])}, after "
               f"{fmt(s['final_train']['accuracy'])}, change {fmt(s['train_control'], True)}.", "",
               "Dev accuracy by epoch: " + ", ".join(f"{d['epoch']}: {fmt(d['dev'])}" for d in res["dev_curve"]), "", "## Per step", ""]
-    lines += common.md_table(["step", "reward", "no answer", "contexts group/memory/feedback/none", "memory gain (nats)",
-                              "lr", "grad norm", "loss", "length", "s"],
-                             [[m["step"], fmt(m["reward"]), f"{m['no_answer']:.2f}",
-                               "/".join(str(m.get(k, "-")) for k in ("group_contexts", "memory_contexts", "feedback_contexts", "no_context")),
-                               fmt(m.get("memory_gain"), True), f"{m['lr']:.2g}", "-" if m["grad_norm"] is None else f"{m['grad_norm']:.3g}",
-                               "-" if m["loss"] is None else f"{m['loss']:.4g}", f"{m['length']:.1f}", f"{m['step_time']:.0f}"] for m in rows])
-    probes = [m for m in rows if "probe" in m]
-    if probes:
-        lines += ["", "## The teacher at the first answer position (epoch's first step)", ""]
-        lines += common.md_table(["step", "P(stop) with / without context", "P(option) with / without context"],
-                                 [[m["step"]] + [" / ".join("-" if m["probe"][w][k] is None else f"{m['probe'][w][k]:.3f}"
-                                                            for w in ("with_context", "without")) for k in ("p_stop", "p_option")]
-                                  for m in probes])
+    lines += common.md_table(["step", "reward", "no answer", "contexts group/memory/feedback/none", "memory gain (nats)", "lr",
+                              "grad norm", "loss", "length", "s"],
+                             [[m["step"], fmt(m["reward"]), f"{m['no_answer']:.2f}", ctx_counts(m), fmt(m.get("memory_gain"), True),
+                               f3(m["lr"]), f3(m["grad_norm"]), f3(m["loss"]), f"{m['length']:.1f}", f"{m['step_time']:.0f}"] for m in rows])
+    lines += ["", "## The teacher at the first answer position (each epoch's first step)", ""] + common.md_table(
+        ["step", "P(stop) with / without context", "P(option) with / without context"],
+        [[m["step"]] + [f"{f3(m['probe']['with_context'][k])} / {f3(m['probe']['without'][k])}" for k in ("p_stop", "p_option")]
+         for m in rows if "probe" in m])
     ends = [m["epoch_end"] for m in rows if "epoch_end" in m]
-    if ends:
-        lines += ["", "## Gate, per epoch", ""]
-        lines += common.md_table(["epoch", "candidates", "untestable", "admitted", "admit rate", "gate gain (nats/token)", "behaviors", "pruned"],
-                                 [[i, e["candidates"], e["untestable"], e["admitted"], fmt(e["admit_rate"]), fmt(e["gate_gain"], True),
-                                   e["behaviors"], e["pruned"]] for i, e in enumerate(ends)])
-        lines += [f"- epoch {i}: {e['note']}" for i, e in enumerate(ends) if e.get("note")]
-    c = res["compute"]
-    lines += ["", f"Compute: {', '.join(f'{k} {v:.0f}' for k, v in c.items())}; memory {res['memory_size']}."]
+    lines += ["", "## Gate, per epoch", ""] + common.md_table(
+        ["epoch", "candidates", "untestable", "admitted", "admit rate", "gate gain (nats/token)", "behaviors", "pruned"],
+        [[i, e["candidates"], e["untestable"], e["admitted"], fmt(e["admit_rate"]), fmt(e["gate_gain"], True), e["behaviors"],
+          e["pruned"]] for i, e in enumerate(ends)]) + [f"- epoch {i}: {e['note']}" for i, e in enumerate(ends) if e.get("note")]
+    lines += ["", f"Compute: {', '.join(f'{k} {v:.0f}' for k, v in res['compute'].items())}; memory {res['memory_size']}."]
     common.write_report(out, lines)
 
 
 def write_compare_report(out: Path, names: list[str], seed: int) -> None:
-    """The comparison: each method against base, PMD - SDPO and SDPO - GRPO, paired; pass@k, coverage,
-    the training-set control and the context sources, from each run's eval.json and metrics.jsonl."""
+    """Each method against base, PMD - SDPO and SDPO - GRPO (paired), pass@k, coverage, the
+    training-set control and the context sources, from each run's eval.json and metrics.jsonl."""
     res = {n: json.loads((out / folder(n) / "eval.json").read_text()) for n in names}
-    base = next(iter(res.values()))
-    lines = ["# base / GRPO / SDPO / PMD", "", "Settings (pmd): " + ", ".join(f"{k} {v}" for k, v in res[names[-1]]["settings"].items()
-                                                                            if k != "method"), "",
-             f"Held-out test: {base['summary']['base']['n_questions']} questions x {base['summary']['base']['n_samples']} "
-             "samples (fixed option rotations), the same rows for every run. 95% paired-bootstrap intervals.", ""]
-    rows = [["base", fmt(base["summary"]["base"]["accuracy"]), fmt(base["summary"]["base"]["no_answer"]),
-             fmt(base["summary"]["base"]["coverage"]), "-", fmt(base["summary"]["base_train"]["accuracy"]), "-", "-"]]
+    b = next(iter(res.values()))["summary"]
+    lines = ["# base / GRPO / SDPO / PMD", "", "Settings (pmd): " + ", ".join(f"{k} {v}" for k, v in res[names[-1]]["settings"].items()), "",
+             f"Held-out test: {b['base']['n_questions']} questions x {b['base']['n_samples']} samples (fixed option rotations), "
+             "the same rows for every run. 95% paired-bootstrap intervals.", ""]
+    rows = [["base", fmt(b["base"]["accuracy"]), fmt(b["base"]["no_answer"]), fmt(b["base"]["coverage"]), "-",
+             fmt(b["base_train"]["accuracy"]), "-", "-"]]
     for n, r in res.items():
         s, m = r["summary"], common.read_metrics(out / folder(n))
-        src = "/".join(str(sum(x.get(k, 0) for x in m)) for k in ("group_contexts", "memory_contexts", "feedback_contexts", "no_context"))
-        rows.append([n, fmt(s["final"]["accuracy"]), fmt(s["final"]["no_answer"]), fmt(s["final"]["coverage"]),
-                     fmt(s["final_vs_base"], True), fmt(s["final_train"]["accuracy"]), fmt(s["train_control"], True),
-                     src if n != "grpo" else "-"])
-    lines += common.md_table(["run", "accuracy", "no answer", "coverage", "vs base", "train before/after", "train change",
+        src = {k: sum(x.get(k, 0) for x in m) for k in ("group_contexts", "memory_contexts", "feedback_contexts", "no_context")}
+        rows.append([n, fmt(s["final"]["accuracy"]), fmt(s["final"]["no_answer"]), fmt(s["final"]["coverage"]), fmt(s["final_vs_base"], True),
+                     fmt(s["final_train"]["accuracy"]), fmt(s["train_control"], True), ctx_counts(src) if n != "grpo" else "-"])
+    lines += common.md_table(["run", "accuracy", "no answer", "coverage", "vs base", "training questions after", "training change",
                               "contexts group/memory/feedback/none"], rows)
-    pairs = [(a, b) for a, b in (("pmd", "sdpo"), ("sdpo", "grpo"), ("pmd", "grpo")) if a in res and b in res]
-    lines += ["", "## Paired contrasts (final weights, test)", ""]
-    lines += common.md_table(["contrast", "difference"], [[f"{a} - {b}", fmt(contrast(res[a]["final"]["test"],
-                                                                                        res[b]["final"]["test"], seed), True)] for a, b in pairs])
-    lines += ["", "## pass@k (final weights)", ""]
-    lines += common.md_table(["run"] + [f"pass@{k}" for k in base["summary"]["base"]["pass_at_k"]],
-                             [["base"] + [fmt(v) for v in base["summary"]["base"]["pass_at_k"].values()]] +
-                             [[n] + [fmt(v) for v in r["summary"]["final"]["pass_at_k"].values()] for n, r in res.items()])
-    lines += ["", "Best on dev: " + "; ".join(f"{n} epoch {r['best_on_dev']['epoch']}" + (f" {fmt(r['summary']['best_vs_base'], True)} vs base"
-                                                                                       if 'best_vs_base' in r['summary'] else "") for n, r in res.items()),
-              "", "Per-run details (per step, probes, gate): each run's own `report.md`."]
+    pairs = [(x, y) for x, y in (("pmd", "sdpo"), ("sdpo", "grpo"), ("pmd", "grpo")) if x in res and y in res]
+    lines += ["", "## Paired contrasts (final weights, test)", ""] + common.md_table(
+        ["contrast", "difference"], [[f"{x} - {y}", fmt(contrast(res[x]["final"]["test"], res[y]["final"]["test"], seed), True)] for x, y in pairs])
+    lines += ["", "## pass@k (final weights)", ""] + common.md_table(
+        ["run"] + [f"pass@{k}" for k in b["base"]["pass_at_k"]],
+        [["base"] + [fmt(v) for v in b["base"]["pass_at_k"].values()]] + [[n] + [fmt(v) for v in r["summary"]["final"]["pass_at_k"].values()]
+                                                                          for n, r in res.items()])
+    lines += ["", "Best on dev: " + "; ".join(f"{n} epoch {r['best_on_dev']['epoch']}" + (
+        f", {fmt(r['summary']['best_vs_base'], True)} vs base" if "best_vs_base" in r["summary"] else "") for n, r in res.items()),
+              "", "Per run (per step, teacher probes, gate): each run's own `report.md`."]
     common.write_report(out, lines)
 
 
