@@ -5,6 +5,7 @@ teacher input on the training path, no context no loss, student vs teacher top-k
 evaluated with memory."""
 import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -391,3 +392,16 @@ def test_freeze_policy_is_evaluated_with_memory_and_the_others_without(files, tm
     assert base == [("policy", "eval", False), ("policy", "train-control", False)]      # the base is memory-free
     assert ("policy", "eval", True) in final and ("policy", "dev", True) in seen
     assert all(not m for f, s, m in seen if f is None)
+
+
+def test_mitigation_rule_as_written_in_rule_md():
+    sys.path.insert(0, str(Path(common.__file__).parent / "bench"))
+    import pmd_mitigation as pm
+    row = lambda name, acc, na: {"name": name, "accuracy": acc, "no_answer": na}
+    # a candidate that worsens the format is never eligible, however accurate
+    assert pm.choose([row("reference", 0.30, 0.10), row("alpha-1", 0.60, 0.20)], 64) == "reference"
+    # the highest accuracy among the eligible
+    assert pm.choose([row("reference", 0.30, 0.10), row("alpha-1", 0.40, 0.05), row("no-tail", 0.50, 0.10)], 64) == "no-tail"
+    # a difference under one sample is a tie: the lower no-answer share, then list order (the reference)
+    assert pm.choose([row("reference", 0.30, 0.10), row("alpha-1", 0.31, 0.10)], 64) == "reference"
+    assert pm.choose([row("reference", 0.30, 0.10), row("alpha-1", 0.30, 0.05)], 64) == "alpha-1"
