@@ -185,20 +185,16 @@ def setup(args, out, split):
     teacher = None
     if args.method != "grpo":
         teacher = copy.deepcopy(policy.model).eval().requires_grad_(False)
-    if policy.step:
-        ex = policy.extra
-        st = State(**{**ex["state"], "compute": Counter(ex["state"]["compute"])})
+    if policy.step:              # resumed: the state of the checkpoint (a kill may have left later memory)
+        st = State(**{**policy.extra["state"], "compute": Counter(policy.extra["state"]["compute"])})
         if teacher is not None:
-            teacher.load_state_dict(ex["teacher"])
-        common.save_bank(out / "memory.json", st.memory)      # a kill may have left later entries
-        print(f"resuming {out} at step {policy.step}")
-        return policy, teacher, st
-    st = State(memory=new_memory())
-    if args.seed_memory == "data":
-        seed_memory(st.memory, split["train"])
-    st.base = base_evals(args, policy, split, out)
-    d0 = accuracy(st.base["dev"], args.seed)
-    st.dev, st.best = [{"epoch": 0, "rollouts": 0, "dev": d0}], {"epoch": 0, "dev": d0["mean"]}
+            teacher.load_state_dict(policy.extra["teacher"])
+    else:
+        st = State(memory=new_memory(), base=base_evals(args, policy, split, out))
+        if args.seed_memory == "data":
+            seed_memory(st.memory, split["train"])
+        d0 = accuracy(st.base["dev"], args.seed)
+        st.dev, st.best = [{"epoch": 0, "rollouts": 0, "dev": d0}], {"epoch": 0, "dev": d0["mean"]}
     common.save_bank(out / "memory.json", st.memory)
     return policy, teacher, st
 
@@ -366,15 +362,11 @@ def update(args, policy, step, losses, rec) -> bool:
 def epoch_end(args, policy, teacher, st, train, epoch) -> dict:
     """Co-evolution from this epoch's rollouts: one reflected candidate insight per question, the
     gate, the counters of older insights re-scored the same way, behaviors, pruning."""
-    by_id, mem, tok = {q.id: q for q in train}, st.memory, policy.tok
-    solutions, evidence = {}, []
-    for r in st.epoch_rollouts:
-        if r["reward"] == 1:
-            solutions.setdefault(r["q"], r["text"])
-    for qid in dict.fromkeys(r["q"] for r in st.epoch_rollouts):
-        rs = [r for r in st.epoch_rollouts if r["q"] == qid]
-        bad = next((r for r in rs if r["reward"] != 1), None)
-        evidence.append((by_id[qid], solutions.get(qid), bad and bad["text"], bad and bad["feedback"]))
+    by_id, mem, tok, rolls = {q.id: q for q in train}, st.memory, policy.tok, st.epoch_rollouts
+    solutions = {r["q"]: r["text"] for r in reversed(rolls) if r["reward"] == 1}        # the first success of each
+    bad = {r["q"]: r for r in reversed(rolls) if r["reward"] != 1}                      # and its first failure
+    evidence = [(by_id[qid], solutions.get(qid), bad[qid]["text"] if qid in bad else None, bad.get(qid, {}).get("feedback"))
+                for qid in dict.fromkeys(r["q"] for r in rolls)]
     cands, n_tok = reflect(policy.rollout, tok, args.reflector, evidence, args.temperature,
                            common.stream_seed(args.seed, "reflect", epoch))
     st.compute["reflection_tokens"] += n_tok
@@ -997,12 +989,12 @@ def main():
                  ("pmd --freeze policy", {"method": "pmd", "freeze": "policy"})]
         runs += [(f"pmd --levels {lv}", {"method": "pmd", "levels": lv}) for lv in LEVELS]
     for name, over in runs:
-        sub = argparse.Namespace(**{**vars(args), **over, "compare": False, "out": str(out / folder(name))})
         d = out / folder(name)
+        sub = argparse.Namespace(**{**vars(args), **over, "compare": False, "out": str(d)})
         d.mkdir(exist_ok=True)
         if not (d / "config.json").exists():
             common.atomic_write_json(d / "config.json", {"stage": "pmd_distill", **vars(sub)})
-        sub.base_file = str(out / "base.json")       # the starting model is evaluated once
+        sub.base_file = str(out / "base.json")       # the starting model is evaluated once, for every method
         common.seed_everything(args.seed)
         print(f"\n==== {name} ====")
         train_and_evaluate(sub, d, split)
