@@ -163,7 +163,7 @@ def train_and_evaluate(args, out: Path, split) -> dict:
             rec["memory_size"] = level_sizes(st.memory)
             select_on_dev(args, policy, split["dev"], st, epoch, (step + 1) * args.B * args.G, out, rec)  # 8.
         rec.update(step_time=time.time() - t0, peak_memory_mb=common.peak_memory_mb(policy.device))
-        record(args, out, policy, teacher, st, split, step, total, per_epoch, rec)      # 9. checkpoint
+        record(args, out, policy, teacher, st, step, per_epoch, rec)                      # 9. checkpoint
         bar.set_postfix(r=f"{rec['reward']['mean']:.2f}", gn=rec.get("grad_norm") or "-")
     st.compute["wall_s"] += time.time() - t_run
     return evaluate(args, policy, split, st, out)
@@ -434,14 +434,14 @@ def select_on_dev(args, policy, dev, st, epoch, rollouts_so_far, out, rec) -> No
         policy.model.save_pretrained(out / "best")
 
 
-def record(args, out, policy, teacher, st, split, step, total, per_epoch, rec) -> None:
+def record(args, out, policy, teacher, st, step, per_epoch, rec) -> None:
     """Memory and metrics first, the checkpoint last: a kill in between only repeats this step."""
-    check_no_heldout(st.memory, {q.id for q in split["train"]})
+    check_no_heldout(st.memory, {p["id"] for p in st.base["train"]})
     common.save_bank(out / "memory.json", st.memory)
     if args.method == "pmd" and (step + 1) % per_epoch == 0:
         common.save_bank(out / f"memory.epoch{(step + 1) // per_epoch}.json", st.memory)
     common.append_jsonl(out / "metrics.jsonl", rec)
-    if (step + 1) % args.save_every == 0 or (step + 1) % per_epoch == 0 or step + 1 == total:
+    if (step + 1) % args.save_every == 0 or (step + 1) % per_epoch == 0:     # the last step ends an epoch
         extra = {"state": {**asdict(st), "compute": dict(st.compute)},
                  "teacher": teacher.state_dict() if teacher is not None else None}
         common.save_checkpoint(out, policy.model, policy.tok, policy.opt, step=step + 1, extra=extra)
