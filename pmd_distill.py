@@ -842,7 +842,7 @@ def write_compare_report(out: Path, names: list[str], seed: int) -> None:
         src = {k: sum(x.get(k, 0) for x in m) for k in ("group_contexts", "memory_contexts", "feedback_contexts", "no_context")}
         rows.append([n, fmt(s["final"]["accuracy"]), fmt(s["final"]["no_answer"]), fmt(s["final"]["coverage"]), fmt(s["final_vs_base"], True),
                      fmt(s["final_train"]["accuracy"]), fmt(s["train_control"], True), ctx_counts(src) if n != "grpo" else "-"])
-    lines += common.md_table(["run", "accuracy", "no answer", "coverage", "vs base", "training questions after", "training change",
+    lines += common.md_table(["run", "accuracy", "no answer", "coverage", "vs base", "own training questions (base: before)", "training change",
                               "contexts group/memory/feedback/none"], rows)
     pairs = [(x, y) for x, y in (("pmd", "sdpo"), ("sdpo", "grpo"), ("pmd", "grpo")) if x in res and y in res]
     lines += ["", "## Paired contrasts (final weights, test)", ""] + common.md_table(
