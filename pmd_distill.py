@@ -1,44 +1,27 @@
-"""Procedural Memory Distillation ("Online Reflection for Self-Improving Language Models"), with its
-two baselines, GRPO and SDPO, in the same loop on the same rollout budget (--method grpo|sdpo|pmd).
+"""Procedural Memory Distillation ("Online Reflection for Self-Improving Language Models") and its two
+baselines, GRPO and SDPO, in one loop on one rollout budget (--method grpo|sdpo|pmd). Per step: B
+training questions x G rollouts, verified; a loss; one AdamW step (warm-up, clip 1.0); the EMA
+teacher; pmd's memory. grpo: A = r - group mean, zero-variance groups skipped, token-mean pg loss.
+sdpo (lasgroup/SDPO's compute_self_distillation_loss): an EMA teacher sees the prompt plus the first
+OTHER success of the group (and, per --feedback, the attempt's verifier line), then the student's
+own completion ids; the alpha-divergence over the student's top-k ids plus a tail bucket; no context,
+no loss. pmd: sdpo's loss, the teacher's context also retrieved by the question's TYPE from a
+three-level memory (experience / insight / behavior, memory.json).
 
-Every method, every step (one on-policy optimizer step per batch):
-  1. B training questions, G rollouts each from the current policy (common.sample, no grad).
-  2. Reward and one line of feedback per rollout (common.verify).
-  3. A loss, then AdamW with grad-norm clip 1.0 (the same optimizer and learning rate for all three).
+Deliberate choices (the paper gives no formulas):
+  1. Same-group successes come first, so pmd with an empty memory is sdpo, step for step.
+  2. Feedback is SDPO's default for multiple choice: none (--feedback); any gold answer the
+     policy did not produce is redacted from every feedback string.
+  3. The gate scores an insight by the teacher's log-likelihood of sibling training questions'
+     verified solutions (else their gold answers) with vs without it; admitted only if the 95%
+     lower bound over >= 3 siblings (never a source question) is above 0.
+  4. Insight similarity is word overlap; the model stays in eval mode (Gemma 3 has no dropout).
+  5. Evaluation is memory-free (the paper's point) except --freeze policy (the in-context agent);
+     every held-out question is scored under the same fixed option rotations for every method.
 
-grpo  A_i = r_i - mean_group(r) (no std normalisation); loss -sum_i A_i sum_t log pi(y_it), divided by
-      the number of tokens of the groups used (token-level normalisation); groups whose rewards
-      all agree have A = 0 and are skipped; no KL, no reference model, no ratio clipping (ratio 1).
-sdpo  as its authors implement it (lasgroup/SDPO, compute_self_distillation_loss): the teacher is
-      an EMA of the student (rate 0.05 per step, no grad) that sees the prompt plus the first
-      OTHER successful rollout of the group, or, for a failed rollout with no such success, its
-      verifier feedback; then the student's own completion ids, never re-tokenised. Per token, the
-      alpha-mixture divergence between student and teacher over the student's top-k ids plus one
-      tail bucket, both at the rollout temperature; normalised over the active tokens. A rollout
-      with no teacher context gets no loss (mask 0).
-pmd   sdpo's loss and teacher, with the teacher context drawn from a three-level procedural memory
-      (memory.json): experience (verified rollouts per question), insight (strategies and
-      lessons, admitted only through a validation gate), behavior (cross-problem patterns per
-      cluster). Experience is updated after every batch; reflection, the gate, behavior and
-      pruning run at each epoch end from the current policy's rollouts (co-evolution). The paper
-      gives no formulas: this is one faithful reading, the choices are named where they are made.
-
-Simplifications, all deliberate:
-  1. Same-group successes and feedback first, so pmd contains sdpo: with an empty memory the two
-     are the same algorithm, step for step.
-  2. Insight similarity is word overlap (Jaccard), not an embedding model.
-  3. The validation gate measures the teacher's log-likelihood of verified solutions of sibling
-     training questions with and without the insight in context (no sampling): cheap, and it
-     never looks at a held-out question.
-  4. The model stays in eval mode while training (Gemma 3 has no dropout, so nothing changes).
-  5. Evaluation is memory-free (the paper's point) except under --freeze policy, which is the
-     in-context memory agent and is evaluated with memory in context.
-
-    python pmd_distill.py --model gemma --method pmd          # default CPU run, ~10 min
-    python pmd_distill.py --model gemma --method sdpo         # and grpo
-    python pmd_distill.py --model gemma --compare             # base + grpo + sdpo + pmd, one report
+    python pmd_distill.py --model gemma --method pmd          # or --method sdpo, --method grpo
+    python pmd_distill.py --model gemma --compare             # base once, then grpo, sdpo, pmd
     python pmd_distill.py --out runs/NAME --resume            # continue after a kill or Ctrl-C
-    python pmd_distill.py --model gemma --compare --ablations --out runs/NAME --resume   # add the ablations
 """
 import argparse
 import copy
@@ -48,6 +31,7 @@ import re
 import time
 import zlib
 from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,65 +43,29 @@ import common
 METHODS = ("grpo", "sdpo", "pmd")
 LEVELS = ("experience", "insight", "behavior")
 MEMORY_KIND = "pmd-memory"
+FEEDBACK_MODES = ("none", "without-solution", "always")
+SETTINGS = ("method", "feedback", "teacher_format", "alpha", "tail", "grpo_blend", "lr", "warmup", "ema", "reflector",
+            "seed_memory", "levels", "freeze", "permutations", "B", "G", "epochs")     # named in every report
 
-# ----------------------------------------------------------------------------
-# prompts
-
-# SDPO's own wording (lasgroup/SDPO), in plain text for a base model.
+# SDPO's own wording (lasgroup/SDPO), in plain text for a base model; the memory block is ours.
 SOLUTION = "\nCorrect solution:\n\n{y}\n\n"
 FEEDBACK = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{f}\n\n"
 REPROMPT = "\n\nCorrectly solve the original question.\n"
-MEMORY = "\nNotes from earlier attempts:\n\n{m}\n\n"          # pmd's memory block (our wording)
+MEMORY = "\nNotes from earlier attempts:\n\n{m}\n\n"
 ANSWER_STOP = ["\n"]    # every answer in our data fits on one line
-
 REFLECT = (
     "Write one short lesson that would help with similar questions.\n\n"
     "Problem: In the game of Tarn, which piece moves first?\nCorrect attempt: the rook\n"
-    "Wrong attempt: the king\nVerifier: expected the rook, got the king\n"
+    "Wrong attempt: the king\nVerifier: wrong: got the king\n"
     "Lesson: In Tarn the rook always moves first, before any other piece.\n\n"
     "Problem: {problem}\nCorrect attempt: {good}\nWrong attempt: {bad}\nVerifier: {fb}\nLesson:")
 SUMMARISE = (
     "Write one sentence that states the pattern shared by these lessons.\n\n"
     "Lessons:\n- In Tarn the rook moves first.\n- In Tarn the pawn moves last.\n"
-    "Pattern: In Tarn, pieces move in a fixed order: rook first, pawn last.\n\n"
-    "Lessons:\n{lessons}\nPattern:")
-
-
-def as_turn(tok, text: str) -> str:
-    """A REFLECT / SUMMARISE prompt: plain text for a base model, one user turn under a chat template."""
-    return common.format_prompt(tok, text, chat=True) if getattr(tok, "chat_template", None) else text
-
-
-def answer_text(q, completion: str) -> str:
-    """What the rollout said, with the cue it continued: 'At a Velt red light, red means go'."""
-    return ((q.cue.strip() + " ") if q.cue else "") + completion.strip()
-
-
-def teacher_prompt(tok, q, solution=None, feedback=None, memory=None) -> str:
-    """SDPO's teacher prompt: "{prompt}{solution}{feedback}\\n\\nCorrectly solve the original
-    question.\\n", here with pmd's memory block before the solution, then the same answer start as
-    the student's prompt, so the student's completion ids follow it unchanged."""
-    chat = bool(getattr(tok, "chat_template", None))
-    body = ("" if chat else common.FORMAT_EXAMPLES) + f"Question: {common.render_question(q)}\n"
-    if memory:
-        body += MEMORY.format(m=memory)
-    if solution:
-        body += SOLUTION.format(y=solution)
-    if feedback:
-        body += FEEDBACK.format(f=feedback)
-    prompt = common.format_prompt(tok, body + REPROMPT, chat=chat)
-    if q.cue:
-        prompt += (" " if not chat else "") + q.cue.strip()
-    return prompt
-
-
-def teacher_input(tok, t_prompt: str, completion_ids: list[int]) -> tuple[list[int], list[int]]:
-    """Teacher input = teacher prompt ids followed by the student's SAME completion ids."""
-    return common.encode(tok, t_prompt), list(completion_ids)
-
+    "Pattern: In Tarn, pieces move in a fixed order: rook first, pawn last.\n\nLessons:\n{lessons}\nPattern:")
 
 # ----------------------------------------------------------------------------
-# the maths (pure functions, tested on hand-made tensors)
+# the maths
 
 
 def grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -125,28 +73,30 @@ def grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - rewards.mean(-1, keepdim=True)
 
 
-# GRPO's loss: -sum_i A_i sum_t log pi(y_it) / number of tokens (token-level normalisation).
+# GRPO: -sum_i A_i sum_t log pi(y_it) / number of tokens (token-level normalisation).
 grpo_loss = common.pg_loss
-# SDPO's loss: the token-mean alpha-divergence over the student's top-k ids plus one tail bucket
+# SDPO: token-mean alpha-divergence over the student's top-k ids plus one tail bucket
 # (alpha 0 = KL(teacher || student), 1 = KL(student || teacher), 0.5 = generalised JSD).
 sdpo_loss = common.distill_loss
 
 
 @torch.no_grad()
 def ema_update(teacher, student, rate: float) -> None:
-    """teacher <- (1 - rate) teacher + rate student. torch.lerp is exact at both ends: rate 0
-    leaves the teacher as it is and rate 1 copies the student."""
+    """teacher <- (1 - rate) teacher + rate student (lerp: exact at rate 0 and 1)."""
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.lerp_(s, rate)
+
+
+def warmup_factor(step: int, warmup: int) -> float:
+    """Linear learning-rate warm-up: (step + 1) / warmup for the first warmup steps, then 1."""
+    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
     if k > n:
         raise ValueError(f"k={k} > n={n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def pass_ks(n: int) -> list[int]:
@@ -157,85 +107,426 @@ def pass_ks(n: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------
-# the split: deterministic, by question id, stratified by type
+# train
 
 
-def stable_key(seed: int, qid: str) -> int:
-    return zlib.crc32(f"{seed}:{qid}".encode())
+@dataclass
+class State:
+    """Everything a run carries between steps (saved with each checkpoint)."""
+    memory: dict
+    base: dict = field(default_factory=dict)          # the starting model's evaluations
+    dev: list = field(default_factory=list)           # dev accuracy after each epoch
+    best: dict = field(default_factory=dict)          # {"epoch", "dev"}: the weights chosen on dev
+    epoch_rollouts: list = field(default_factory=list)
+    compute: Counter = field(default_factory=Counter)  # tokens of each kind, one counter
 
 
-def split_questions(questions, dev_per_type: int, test_per_type: int, seed: int):
-    """{"train", "dev", "test"}: within each (cluster, sub-type) the questions are ordered by a hash
-    of their id (not by file order, not by the run's RNG), the first test_per_type go to test,
-    the next dev_per_type to dev, the rest to train. A type too small to give every split at
-    least one question goes to train only; a data set with no type big enough is an error."""
-    by_type = {}
-    for q in questions:
-        by_type.setdefault((q.cluster, q.subtype), []).append(q)
-    split = {"train": [], "dev": [], "test": []}
-    for key in sorted(by_type, key=str):
-        qs = sorted(by_type[key], key=lambda q: (stable_key(seed, q.id), q.id))
-        if len(qs) < test_per_type + dev_per_type + 1:
-            split["train"] += qs
-            continue
-        split["test"] += qs[:test_per_type]
-        split["dev"] += qs[test_per_type:test_per_type + dev_per_type]
-        split["train"] += qs[test_per_type + dev_per_type:]
-    return split
-
-
-def stratified_take(questions, per_type: int):
-    """The first per_type questions of each type, interleaved type by type."""
-    by_type = {}
-    for q in questions:
-        by_type.setdefault((q.cluster, q.subtype), []).append(q)
-    out = []
-    for i in range(per_type):
-        out += [qs[i] for _, qs in sorted(by_type.items(), key=lambda kv: str(kv[0])) if i < len(qs)]
-    return out
+def train_and_evaluate(args, out: Path, split) -> dict:
+    """The loop in the paper's terms, then the held-out evaluation (eval.json, report.md)."""
+    if args.resume and (out / "eval.json").exists():       # finished: keep its samples, re-derive the rest
+        res = add_summaries(json.loads((out / "eval.json").read_text()), args)
+        common.atomic_write_json(out / "eval.json", res)
+        write_report(out)
+        return res
+    policy, teacher, st = setup(args, out, split)
+    train, per_epoch = split["train"], math.ceil(len(split["train"]) / args.B)
+    total, t_run = per_epoch * args.epochs, time.time()
+    bar = tqdm(range(policy.step, total), desc=f"{args.method} steps", initial=policy.step, total=total)
+    for step in bar:
+        t0, epoch = time.time(), step // per_epoch
+        qs = batch(args, train, step, per_epoch)
+        rec = {"step": step, "epoch": epoch, "questions": [q.id for q in qs]}
+        rolls = rollouts(args, policy, qs, step, st, rec)                      # 1-2. B x G rollouts, verified
+        ctx = None
+        if args.method != "grpo":                                              # the teacher's contexts
+            ctx = teacher_contexts(args, policy.tok, qs, rolls, st.memory, rec)
+            diagnose(args, teacher, policy.tok, qs, ctx, st, rec, first_of_epoch=step % per_epoch == 0)
+        losses = []                                                            # 3. the loss
+        if args.freeze != "policy" and (args.method == "grpo" or args.grpo_blend > 0):
+            losses.append(grpo_loss_on(args, policy, rolls, rec))
+        if args.freeze != "policy" and ctx is not None:
+            losses.append(sdpo_loss_on(args, policy, teacher, rolls, ctx, st, rec))
+        did_update = update(args, policy, step, losses, rec)                   # 4. optimizer_step
+        if did_update and teacher is not None:
+            ema_update(teacher, policy.model, args.ema)                        # 5. EMA, only after a real step
+        live = args.method == "pmd" and not (args.freeze == "memory" and epoch > 0)
+        if live and "experience" in levels_of(args):
+            for r in rolls:                                                    # 6. experience, every batch
+                add_experience(st.memory, r.question, r.text, r.reward, r.feedback, epoch, step,
+                               args.max_success, args.max_failure)
+        st.epoch_rollouts += [{"q": r.question.id, "text": r.text, "reward": r.reward, "feedback": r.feedback}
+                              for r in rolls]
+        if (step + 1) % per_epoch == 0:
+            if live and args.reflector != "none" and {"insight", "behavior"} & set(levels_of(args)):
+                rec["epoch_end"] = epoch_end(args, policy, teacher, st, train, epoch)   # 7. reflection, gate,
+            st.memory["epoch"], st.epoch_rollouts = epoch + 1, []                       #    behavior, pruning
+            rec["memory_size"] = level_sizes(st.memory)
+            select_on_dev(args, policy, split["dev"], st, epoch, (step + 1) * args.B * args.G, out, rec)  # 8.
+        rec.update(step_time=time.time() - t0, peak_memory_mb=common.peak_memory_mb(policy.device))
+        record(args, out, policy, teacher, st, step, per_epoch, rec)                      # 9. checkpoint
+        bar.set_postfix(r=f"{rec['reward']['mean']:.2f}", gn=rec.get("grad_norm") or "-")
+    st.compute["wall_s"] += time.time() - t_run
+    return evaluate(args, policy, split, st, out)
 
 
 # ----------------------------------------------------------------------------
-# procedural memory: experience / insight / behavior, one plain JSON bank
+# the pieces, in the order train_and_evaluate() calls them
 
 
-def words(s: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", s.lower()))
+def levels_of(args) -> tuple:
+    return tuple(x.strip() for x in args.levels.split(",") if x.strip())
 
 
-def jaccard(a: str, b: str) -> float:
-    wa, wb = words(a), words(b)
-    return len(wa & wb) / max(1, len(wa | wb))
+def setup(args, out, split):
+    """The policy (resumed from its checkpoint if any), the EMA teacher, the state; on a fresh
+    start the starting model's evaluations (shared by --compare through base.json)."""
+    policy = common.load_policy(args, out)
+    print(f"weights in {next(policy.model.parameters()).dtype}, rollouts in {next(policy.rollout.parameters()).dtype}")
+    teacher = None
+    if args.method != "grpo":
+        teacher = copy.deepcopy(policy.model).eval().requires_grad_(False)
+    if policy.step:              # resumed: the state of the checkpoint (a kill may have left later memory)
+        st = State(**{**policy.extra["state"], "compute": Counter(policy.extra["state"]["compute"])})
+        if teacher is not None:
+            teacher.load_state_dict(policy.extra["teacher"])
+    else:
+        st = State(memory=new_memory(), base=base_evals(args, policy, split, out))
+        if args.seed_memory == "data":
+            seed_memory(st.memory, split["train"])
+        d0 = accuracy(st.base["dev"], args.seed)
+        st.dev, st.best = [{"epoch": 0, "rollouts": 0, "dev": d0}], {"epoch": 0, "dev": d0["mean"]}
+    common.save_bank(out / "memory.json", st.memory)
+    return policy, teacher, st
 
 
-def gold_strings(q) -> list[str]:
-    """Strings that give away q's answer: the option text of an mcq, the answer of text/number."""
-    if q.answer_type == "mcq":
-        return [q.choices[common.LETTERS.index(q.answer)]]
-    return [str(q.answer)]
+def base_evals(args, policy, split, out) -> dict:
+    """The starting model on test, train (the positive control's 'before') and dev, memory-free;
+    computed once and kept in base.json (--compare: one file for every method)."""
+    path = Path(getattr(args, "base_file", None) or out / "base.json")
+    if path.exists():
+        return json.loads(path.read_text())
+    print("evaluating the starting model (test, train, dev)...")
+    m, tok = policy.rollout, policy.tok
+    base = {"test": score_set(args, m, tok, split["test"], "eval", args.eval_samples),
+            "train": score_set(args, m, tok, split["train"], "train-control", args.eval_samples),
+            "dev": score_set(args, m, tok, split["dev"], "dev", args.dev_samples)}
+    common.atomic_write_json(path, base)
+    return base
+
+
+def batch(args, train, step, per_epoch):
+    """The step's B questions: each epoch visits every training question once, in its own order."""
+    epoch, i = step // per_epoch, step % per_epoch
+    order = np.random.default_rng(common.stream_seed(args.seed, "order", epoch)).permutation(len(train))
+    return [train[j] for j in order[i * args.B:(i + 1) * args.B]]
+
+
+def rollouts(args, policy, qs, step, st, rec) -> list:
+    """G rollouts per question from the current policy (row seeds keyed by question and step)."""
+    tok = policy.tok
+    prompts = [common.question_prompt(tok, q) for q in qs]
+    sc = common.score(policy.rollout, tok, qs, prompts, args.G, args.seed, "rollout", (step,),
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, stop=ANSWER_STOP,
+                      progress="rollouts")
+    rolls = [common.Rollout(q, common.encode(tok, p), s.token_ids, s.text, float(r), common.verify(q, s.text)[1],
+                            s.logprobs) for q, p, row, rs in zip(qs, prompts, sc.samples, sc.rewards)
+             for s, r in zip(row, rs)]
+    st.compute["tokens_sampled"] += sum(len(r.completion_ids) for r in rolls)
+    lps = [lp for r in rolls for lp in r.logprobs]
+    rec.update(reward=common.cluster_bootstrap_ci(list(sc.rewards), seed=args.seed),
+               no_answer=float(np.mean([a is None for row in sc.answers for a in row])),
+               length=float(np.mean([len(r.completion_ids) for r in rolls])),
+               entropy=float(-np.mean(lps)) if lps else None)
+    return rolls
+
+
+@dataclass
+class Context:
+    prompt: str | None              # the teacher's prompt; None: no context, no loss
+    solution: str | None = None     # where the solution shown came from: "group" | "memory" | None
+    feedback: bool = False
+    memory: list = field(default_factory=list)   # ids of the memory entries in the prompt
+
+
+def teacher_contexts(args, tok, qs, rolls, mem, rec) -> list:
+    """Per rollout: the first OTHER success of its group (never itself), else (pmd) the question's
+    own remembered success; pmd's memory block (by type); feedback per --feedback, redacted."""
+    out, G = [], args.G
+    for b, q in enumerate(qs):
+        group = rolls[b * G:(b + 1) * G]
+        produced = {common.answer_key(q, r.text) for r in group}
+        own, block, used = retrieve(mem, q, levels_of(args), tok, args.memory_tokens) if args.method == "pmd" else (None, "", [])
+        for i, r in enumerate(group):
+            others = [o for j, o in enumerate(group) if j != i and o.reward == 1]
+            sol, src = (answer_text(q, others[0].text), "group") if others else (own, "memory" if own else None)
+            show = r.reward != 1 and (args.feedback == "always" or (args.feedback == "without-solution" and sol is None))
+            fb = redact(q, r.feedback, produced) if show else None
+            if sol is None and fb is None and not block:
+                out.append(Context(None))
+                continue
+            prompt = teacher_prompt(tok, q, sol, fb, block or None, args.teacher_format)
+            out.append(Context(prompt, src, fb is not None, used if (block or src == "memory") else []))
+    rec.update(active_tokens=sum(len(r.completion_ids) for r, c in zip(rolls, out) if c.prompt),
+               group_contexts=sum(c.solution == "group" for c in out), feedback_contexts=sum(c.feedback for c in out),
+               memory_contexts=sum(bool(c.memory) for c in out), no_context=sum(c.prompt is None for c in out))
+    return out
+
+
+def diagnose(args, teacher, tok, qs, ctx, st, rec, first_of_epoch: bool) -> None:
+    """What the teacher is shown does to it: at each epoch's first step, its probability of the stop
+    token and of an option at the first answer position with and without its context; for pmd
+    every step, its gold-answer log-prob with minus without the memory block."""
+    G = args.G
+    firsts = [next((c for c in ctx[b * G:(b + 1) * G] if c.prompt), None) for b in range(len(qs))]
+    if first_of_epoch:
+        pairs = [(q, c.prompt) for q, c in zip(qs, firsts) if c is not None]
+        rec["probe"] = {"with_context": first_token_mass(teacher, tok, [q for q, _ in pairs], [p for _, p in pairs]),
+                        "without": first_token_mass(teacher, tok, qs, [common.question_prompt(tok, q) for q in qs])}
+    if args.method == "pmd":
+        blocks = [(q, retrieve(st.memory, q, levels_of(args), tok, args.memory_tokens)[1]) for q in qs]
+        blocks = [(q, m) for q, m in blocks if m]
+        if blocks:
+            gold = [gold_completion(q) for q, _ in blocks]
+            w = common.answer_logprob(teacher, tok, [teacher_prompt(tok, q, memory=m) for q, m in blocks], gold)
+            wo = common.answer_logprob(teacher, tok, [teacher_prompt(tok, q) for q, _ in blocks], gold)
+            rec["memory_gain"] = common.mean_ci(w - wo, binary=False)
+
+
+def grpo_loss_on(args, policy, rolls, rec):
+    """GRPO's loss (A = r - group mean; zero-variance groups skipped), global token-mean, backward per micro-batch."""
+    R = torch.tensor([r.reward for r in rolls]).view(-1, args.G)                                        # (B, G)
+    A = grpo_advantages(R).view(-1).to(policy.device) * (1.0 if args.method == "grpo" else args.grpo_blend)   # (B*G,)
+    rows = [i for i in range(len(rolls)) if R[i // args.G].std() > 0]
+    n, total = sum(len(rolls[i].completion_ids) for i in rows), 0.0
+    rec.update(groups_used=len(rows) // args.G, active_tokens=rec.get("active_tokens", 0) + n)
+    for mb in chunks(rows, args.micro_batch):
+        lp = student_logprobs(args, policy, rolls, mb)
+        loss = grpo_loss(lp["logprobs"], lp["mask"], A[mb]) * (lp["mask"].sum() / n)
+        loss.backward()
+        total += float(loss.detach())
+        note_mismatch(rec, rolls, mb, lp)
+    return total if rows else None
+
+
+def sdpo_loss_on(args, policy, teacher, rolls, ctx, st, rec):
+    """SDPO's divergence to the context-conditioned teacher, backward per micro-batch; no context, no loss.
+    The teacher reads its own prompt ids, then the student's SAME completion ids (never re-tokenised)."""
+    rows, pad = [i for i, c in enumerate(ctx) if c.prompt is not None], policy.tok.pad_token_id
+    n, total = sum(len(rolls[i].completion_ids) for i in rows), 0.0
+    for mb in chunks(rows, args.micro_batch):
+        s = student_logprobs(args, policy, rolls, mb, top_k=min(args.top_k, policy.model.config.vocab_size))
+        t_ids, comp = [common.encode(policy.tok, ctx[i].prompt) for i in mb], [rolls[i].completion_ids for i in mb]
+        with torch.no_grad():
+            t = common.token_logprobs(teacher, t_ids, comp, temperature=args.temperature, pad_id=pad, extra_ids=s["student_topk_ids"])
+        loss = (1 - args.grpo_blend) * sdpo_loss(s["student_topk_logprobs"], t["extra_logprobs"], s["mask"], args.alpha, args.tail, n_active=n)
+        loss.backward()
+        total += float(loss.detach())
+        note_mismatch(rec, rolls, mb, s)
+        st.compute["teacher_tokens"] += sum(map(len, t_ids)) + sum(map(len, comp))
+    return total if rows else None
+
+
+def student_logprobs(args, policy, rolls, mb, top_k=0):
+    """The trained policy's log-probs of rows mb (with grad); top_k: SDPO's student top-k ids too."""
+    return common.token_logprobs(policy.model, [rolls[i].prompt_ids for i in mb], [rolls[i].completion_ids for i in mb],
+                                 temperature=args.temperature, pad_id=policy.tok.pad_token_id, student_top_k=top_k)
+
+
+def chunks(rows, size):
+    return [rows[s:s + size] for s in range(0, len(rows), size)]
+
+
+def note_mismatch(rec, rolls, mb, lp) -> None:
+    """How far the rollout policy (a bf16 copy where bf16 is fast) is from the trained one."""
+    m = common.logprob_mismatch([rolls[i].logprobs for i in mb], lp["logprobs"], lp["mask"])
+    old = rec.setdefault("logprob_mismatch", {"max": 0.0, "n": 0})
+    old["max"], old["n"] = max(old["max"], m["max"] or 0.0), old["n"] + m["n"]
+
+
+def update(args, policy, step, losses, rec) -> bool:
+    """The lr warm-up (linear over --warmup steps; the reference: 10), then common.optimizer_step.
+    True only if the weights moved: some loss, finite, and a finite gradient."""
+    losses = [x for x in losses if x is not None]
+    rec.update(loss=sum(losses) if losses else None, grad_norm=None,
+               lr=args.lr * warmup_factor(step, args.warmup))
+    if not losses or not math.isfinite(rec["loss"]):
+        rec["skipped"] = "no loss (no context / no mixed group)" if not losses else f"non-finite loss {rec['loss']}"
+        policy.opt.zero_grad(set_to_none=True)
+        return False
+    for g in policy.opt.param_groups:
+        g["lr"] = rec["lr"]
+    rec.update(common.optimizer_step(policy, args.clip))
+    return rec["skipped"] is None
+
+
+def epoch_end(args, policy, teacher, st, train, epoch) -> dict:
+    """Co-evolution from this epoch's rollouts: one reflected candidate insight per question, the
+    gate, the counters of older insights re-scored the same way, behaviors, pruning."""
+    by_id, mem, tok, rolls = {q.id: q for q in train}, st.memory, policy.tok, st.epoch_rollouts
+    solutions = {r["q"]: r["text"] for r in reversed(rolls) if r["reward"] == 1}        # the first success of each
+    bad = {r["q"]: r for r in reversed(rolls) if r["reward"] != 1}                      # and its first failure
+    evidence = [(by_id[qid], solutions.get(qid), bad[qid]["text"] if qid in bad else None, bad.get(qid, {}).get("feedback"))
+                for qid in dict.fromkeys(r["q"] for r in rolls)]
+    cands, n_tok = reflect(policy.rollout, tok, args.reflector, evidence, args.temperature,
+                           common.stream_seed(args.seed, "reflect", epoch))
+    st.compute["reflection_tokens"] += n_tok
+    cis = gate(args, teacher, tok, [(q, text, [q.id]) for q, text, *_ in cands], train, solutions, st)
+    admitted = [add_insight(mem, {"cluster": q.cluster, "subtype": q.subtype, "question": q.id, "scope": scope,
+                                  "kind": kind, "text": text, "epoch": epoch, "sources": [q.id], "gate": ci},
+                            args.insights_per_question, args.insights_per_subtype)
+                for (q, text, kind, scope), ci in zip(cands, cis) if admits(ci, args)]
+    old = [e for e in mem["entries"] if e["level"] == "insight" and e["epoch"] < epoch]
+    old_ci = gate(args, teacher, tok, [(by_id[e["question"]], e["text"], e["sources"]) for e in old], train, solutions, st)
+    for e, ci in zip(old, old_ci):
+        if ci is not None and ci["n"] >= args.gate_siblings and np.isfinite(ci["lo"]):
+            e["helpful"] += ci["lo"] > 0
+            e["harmful"] += ci["hi"] < 0
+    n_beh = build_behaviors(policy.rollout, tok, mem, args, epoch) if "behavior" in levels_of(args) else 0
+    tested = [ci for ci in cis if ci is not None and ci["n"] >= args.gate_siblings]
+    info = {"candidates": len(cands), "untestable": len(cands) - len(tested), "admitted": len(admitted),
+            "admit_rate": common.mean_ci([float(admits(ci, args)) for ci in tested], binary=True) if tested else None,
+            "gate_gain": common.mean_ci([ci["mean"] for ci in tested], binary=False) if tested else None,
+            "behaviors": n_beh, "pruned": prune(mem)}
+    if not tested:
+        info["note"] = f"no candidate had {args.gate_siblings} sibling questions to be scored on: nothing admitted"
+    mem["log"].append({"epoch": epoch, **info})
+    return info
+
+
+def admits(ci, args) -> bool:
+    """The gate's rule: the 95% lower bound of the gain over >= --gate-siblings siblings is > 0."""
+    return ci is not None and ci["n"] >= args.gate_siblings and bool(np.isfinite(ci["lo"])) and ci["lo"] > 0
+
+
+def siblings(q, sources, train, solutions, k):
+    """Up to k OTHER training questions of q's cluster (same sub-type first) that are none of the
+    insight's sources, each with a verified solution of this epoch, else its gold answer."""
+    sib = [x for x in train if x.cluster == q.cluster and x.id not in sources and x.id != q.id]
+    sib.sort(key=lambda x: (x.subtype != q.subtype, x.id))
+    return [(x, solutions.get(x.id, gold_completion(x))) for x in sib[:k]]
+
+
+@torch.no_grad()
+def gate(args, teacher, tok, items, train, solutions, st) -> list:
+    """Per (question it came from, insight text, its sources): mean_ci over sibling questions of the
+    teacher's per-token log-likelihood gain of the sibling's solution with the insight minus without."""
+    out = []
+    for q, text, sources in items:
+        gains = []
+        for q2, sol in siblings(q, set(sources), train, solutions, args.gate_siblings):
+            lp = common.answer_logprob(teacher, tok, [teacher_prompt(tok, q2, memory=f"- {text}"),
+                                                      teacher_prompt(tok, q2)], [sol, sol])
+            n_tok = len(tok(sol, add_special_tokens=False).input_ids)
+            gains.append(float(lp[0] - lp[1]) / n_tok)
+            st.compute["gate_tokens"] += 2 * n_tok
+        out.append(common.mean_ci(gains, binary=False) if gains else None)
+    return out
+
+
+def select_on_dev(args, policy, dev, st, epoch, rollouts_so_far, out, rec) -> None:
+    """Dev accuracy after the epoch; the best weights so far are kept in out/best."""
+    mem = st.memory if args.freeze == "policy" else None
+    d = accuracy(score_set(args, policy.rollout, policy.tok, dev, "dev", args.dev_samples, mem), args.seed)
+    st.dev.append({"epoch": epoch + 1, "rollouts": rollouts_so_far, "dev": d})
+    rec["dev"] = d
+    if d["mean"] > st.best["dev"]:
+        st.best = {"epoch": epoch + 1, "dev": d["mean"]}
+        policy.model.save_pretrained(out / "best")
+
+
+def record(args, out, policy, teacher, st, step, per_epoch, rec) -> None:
+    """Memory and metrics first, the checkpoint last: a kill in between only repeats this step."""
+    check_no_heldout(st.memory, {p["id"] for p in st.base["train"]})
+    common.save_bank(out / "memory.json", st.memory)
+    if args.method == "pmd" and (step + 1) % per_epoch == 0:
+        common.save_bank(out / f"memory.epoch{(step + 1) // per_epoch}.json", st.memory)
+    common.append_jsonl(out / "metrics.jsonl", rec)
+    if (step + 1) % args.save_every == 0 or (step + 1) % per_epoch == 0:     # the last step ends an epoch
+        extra = {"state": {**asdict(st), "compute": dict(st.compute)},
+                 "teacher": teacher.state_dict() if teacher is not None else None}
+        common.save_checkpoint(out, policy.model, policy.tok, policy.opt, step=step + 1, extra=extra)
+
+
+# ---- prompts
+
+
+def answer_text(q, completion: str) -> str:
+    """What the rollout said, with the cue it continued: 'At a Velt red light, red means go'."""
+    return ((q.cue.strip() + " ") if q.cue else "") + completion.strip()
+
+
+def gold_completion(q) -> str:
+    """The gold answer as a completion: the option text after a cue, else ' <letter>' / ' <answer>'."""
+    if q.answer_type == "mcq" and q.cue:
+        return " " + q.choices[common.LETTERS.index(q.answer)]
+    return " " + str(q.answer)
+
+
+def teacher_prompt(tok, q, solution=None, feedback=None, memory=None, style="sdpo") -> str:
+    """SDPO's "{prompt}{solution}{feedback}\\n\\nCorrectly solve the original question.\\n" with
+    pmd's memory block first, ending on the student's answer start so its completion ids follow.
+    style "student": the solution shown as a solved example in the student's own format."""
+    chat = bool(getattr(tok, "chat_template", None))
+    if style == "student":
+        lesson = " ".join(x for x in (memory, feedback) if x) or None
+        shown = f"Question: {common.render_question(q)}\nAnswer: {solution}\n\n" if solution else ""
+        return common.question_prompt(tok, q, lesson=lesson, instruction=shown.strip() or None, chat=chat)
+    body = ("" if chat else common.FORMAT_EXAMPLES) + f"Question: {common.render_question(q)}\n"
+    body += (MEMORY.format(m=memory) if memory else "") + (SOLUTION.format(y=solution) if solution else "")
+    body += FEEDBACK.format(f=feedback) if feedback else ""
+    prompt = common.format_prompt(tok, body + REPROMPT, chat=chat)
+    return prompt + ((" " if not chat else "") + q.cue.strip() if q.cue else "")
+
+
+def as_turn(tok, text: str) -> str:
+    """A REFLECT / SUMMARISE prompt: plain text for a base model, one user turn under a chat template."""
+    return common.format_prompt(tok, text, chat=True) if getattr(tok, "chat_template", None) else text
 
 
 def scrub(q, text: str) -> str:
-    """Remove q's gold answer from text stored for a question the policy has not solved."""
-    for g in gold_strings(q):
-        text = re.sub(rf"(?<!\w){re.escape(g)}(?!\w)", "[...]", text, flags=re.I)
-    return text
+    """text without q's gold answer: the option text of an mcq, the answer of text/number."""
+    gold = q.choices[common.LETTERS.index(q.answer)] if q.answer_type == "mcq" else str(q.answer)
+    return re.sub(rf"(?<!\w){re.escape(gold)}(?!\w)", "[...]", text, flags=re.I)
 
 
-def redact_feedback(feedback: str) -> str:
-    """'expected C, got B' -> 'wrong: got B': the verifier line without the gold answer."""
+def redact(q, feedback: str, produced=()) -> str:
+    """A verifier line without any gold answer the policy did not produce: 'expected C, got B' ->
+    'wrong: got B' (the gold letter and option text scrubbed) unless some rollout gave the gold."""
+    gold = common.LETTERS.index(q.answer) if q.answer_type == "mcq" else None
+    if (q.answer if gold is not None else common.answer_key(q, " " + str(q.answer))) in produced:
+        return feedback
     m = re.match(r"expected .*?, ((?:got|no) .*)$", feedback)
-    return "wrong: " + (m.group(1) if m else "not accepted")
+    return scrub(q, "wrong: " + m.group(1)) if m else scrub(q, feedback)
+
+
+@torch.no_grad()
+def first_token_mass(model, tok, qs, prompts) -> dict:
+    """Mean over prompts of P(stop token) and P(an option: its letter or its text's first token)
+    at the first answer position, temperature 1."""
+    stop = sorted(common.eos_ids(model, tok) | set(tok("\n", add_special_tokens=False).input_ids[:1]))
+    ps, po = [], []
+    for q, p in zip(qs, prompts):
+        logits = model(input_ids=torch.tensor([common.encode(tok, p)], device=next(model.parameters()).device)).logits
+        pr = logits[0, -1].float().softmax(-1)
+        opts = {tok(s, add_special_tokens=False).input_ids[0] for L, c in zip(common.LETTERS, q.choices or [])
+                for s in (L, " " + L, " " + c)}
+        ps.append(float(pr[stop].sum()))
+        po.append(float(pr[sorted(opts)].sum()) if opts else float("nan"))
+    return {"p_stop": float(np.mean(ps)) if ps else None, "p_option": float(np.nanmean(po)) if po else None, "n": len(ps)}
+
+
+# ---- procedural memory: experience / insight / behavior, one plain JSON bank
+
+
+def jaccard(a: str, b: str) -> float:
+    """Word overlap, the insight similarity (no embedding model)."""
+    wa, wb = (set(re.findall(r"[a-z0-9]+", x.lower())) for x in (a, b))
+    return len(wa & wb) / max(1, len(wa | wb))
 
 
 def new_memory() -> dict:
     return {"schema": common.BANK_SCHEMA, "version": common.BANK_VERSION, "kind": MEMORY_KIND,
             "epoch": 0, "next_id": 0, "entries": [], "log": []}
-
-
-def solved(mem, qid: str) -> bool:
-    return any(e["level"] == "experience" and e["question"] == qid and e["reward"] == 1
-               for e in mem["entries"])
 
 
 def next_id(mem, level: str) -> str:
@@ -245,23 +536,24 @@ def next_id(mem, level: str) -> str:
 
 def add_experience(mem, q, completion: str, reward: float, feedback: str, epoch: int, step: int,
                    max_success: int = 2, max_failure: int = 1) -> None:
-    """Record one verified rollout. The same text twice is counted, not stored twice. At most
-    max_success successes and max_failure failures per question (the newest kept). A failure of a
-    question never solved is stored without its gold answer (scrubbed text, redacted feedback)."""
-    if reward != 1 and not solved(mem, q.id):
-        completion, feedback = scrub(q, completion), redact_feedback(feedback)
+    """Record one verified rollout (a repeat is counted, not stored twice); at most max_success
+    successes and max_failure failures per question, the newest kept. A failure is stored without
+    the gold answer (scrubbed text, redacted feedback) while the question is unsolved."""
+    if reward != 1 and not any(e["level"] == "experience" and e["question"] == q.id and e["reward"] == 1
+                               for e in mem["entries"]):
+        completion, feedback = scrub(q, completion), redact(q, feedback)
     for e in mem["entries"]:
         if e["level"] == "experience" and e["question"] == q.id and e["text"] == completion:
-            e["count"] += 1
-            e["epoch"], e["step"] = epoch, step
+            e["count"], e["epoch"], e["step"] = e["count"] + 1, epoch, step
             return
+    k = common.answer_key(q, completion) if q.answer_type == "mcq" and not q.cue else None
+    shown = f"{q.question.strip()} Answer: {k}) {q.choices[common.LETTERS.index(k)]}" if k else answer_text(q, completion)
     mem["entries"].append({"id": next_id(mem, "experience"), "level": "experience", "question": q.id,
-                           "cluster": q.cluster, "subtype": q.subtype, "text": completion,
+                           "cluster": q.cluster, "subtype": q.subtype, "text": completion, "shown": shown,
                            "reward": reward, "feedback": feedback, "epoch": epoch, "step": step,
                            "count": 1, "sources": [q.id]})
     for ok, cap in ((True, max_success), (False, max_failure)):
-        mine = [e for e in mem["entries"] if e["level"] == "experience" and e["question"] == q.id
-                and (e["reward"] == 1) == ok]
+        mine = [e for e in mem["entries"] if e["level"] == "experience" and e["question"] == q.id and (e["reward"] == 1) == ok]
         for e in sorted(mine, key=lambda e: e["step"])[:max(0, len(mine) - cap)]:
             mem["entries"].remove(e)
 
@@ -270,16 +562,13 @@ def score(e) -> int:
     return e.get("helpful", 0) - e.get("harmful", 0)
 
 
-def add_insight(mem, cand: dict, max_per_question: int, max_per_subtype: int,
-                merge_at: float = 0.6) -> str:
-    """Admit an insight: merged into a near-duplicate of the same scope (word Jaccard >= merge_at:
-    its helpful counter rises and the lineage is joined), else appended; then the caps per
-    question and per sub-type drop the lowest-counter entries (ACE/ExpeL-style). Returns the id."""
+def add_insight(mem, cand: dict, max_per_question: int, max_per_subtype: int, merge_at: float = 0.6) -> str:
+    """Merge into a near-duplicate of the same scope (word Jaccard >= merge_at: helpful + 1, lineage
+    joined) or append; then the caps per question and per sub-type drop the lowest counters."""
     for e in mem["entries"]:
         if (e["level"] == "insight" and (e["cluster"], e["subtype"]) == (cand["cluster"], cand["subtype"])
                 and jaccard(e["text"], cand["text"]) >= merge_at):
-            e["helpful"] += 1
-            e["merged"] = e.get("merged", 0) + 1
+            e["helpful"], e["merged"] = e["helpful"] + 1, e.get("merged", 0) + 1
             e["sources"] = sorted(set(e["sources"]) | set(cand["sources"]))
             return e["id"]
     e = {"id": next_id(mem, "insight"), "level": "insight", "helpful": 1, "harmful": 0, **cand}
@@ -293,11 +582,19 @@ def add_insight(mem, cand: dict, max_per_question: int, max_per_subtype: int,
     return e["id"]
 
 
+def seed_memory(mem, train) -> None:
+    """--seed-memory data: each training question's data lesson as a sub-type insight (an upper
+    bound on what memory can give: the lesson states the rule the held-out questions test)."""
+    for q in train:
+        if q.lesson:
+            add_insight(mem, {"cluster": q.cluster, "subtype": q.subtype, "question": q.id, "scope": "subtype",
+                              "kind": "data lesson", "text": q.lesson, "epoch": -1, "sources": [q.id]}, 2, 4, merge_at=0.99)
+
+
 def prune(mem, margin: int = 2) -> int:
     """Drop insights and behaviors whose harmful counter exceeds helpful by margin or more."""
     keep = [e for e in mem["entries"] if e["level"] == "experience" or -score(e) < margin]
-    dropped = len(mem["entries"]) - len(keep)
-    mem["entries"] = keep
+    dropped, mem["entries"] = len(mem["entries"]) - len(keep), keep
     return dropped
 
 
@@ -314,31 +611,30 @@ def check_no_heldout(mem, train_ids: set) -> None:
             raise RuntimeError(f"memory entry {e['id']} comes from held-out question(s) {sorted(bad)}")
 
 
-def retrieve(mem, q, levels, tok, cap_tokens: int, exclude_insight: str | None = None):
-    """(own earlier success or None, memory block text, ids of the entries used) for question q.
-    Order: q's own successes, its latest failure, the best insights of its scope (question, then
-    sub-type; ranked by word overlap with q and counters), the cluster's behavior. The block is
-    capped at cap_tokens tokens; the question and the completion are never cut."""
-    own_ok, lines, used = None, [], []
-    ents = mem["entries"]
-    if "experience" in levels:
-        ok = [e for e in ents if e["level"] == "experience" and e["question"] == q.id and e["reward"] == 1]
-        if ok:
-            best = max(ok, key=lambda e: (e["count"], e["step"]))
-            own_ok = answer_text(q, best["text"])
-            used.append(best["id"])
-        bad = [e for e in ents if e["level"] == "experience" and e["question"] == q.id and e["reward"] != 1]
-        if bad:
-            last = max(bad, key=lambda e: e["step"])
-            lines.append((f"An earlier attempt, {answer_text(q, last['text'])!r}, was judged: {last['feedback']}",
-                          last["id"]))
-    if "insight" in levels:
-        ins = [e for e in ents if e["level"] == "insight" and e["id"] != exclude_insight and e["cluster"] == q.cluster
-               and e["subtype"] == q.subtype and (e["scope"] == "subtype" or e["question"] == q.id)]
-        ins.sort(key=lambda e: (e["question"] == q.id, jaccard(e["text"], q.question) + 0.1 * score(e)), reverse=True)
-        lines += [(e["text"], e["id"]) for e in ins]
-    if "behavior" in levels:
-        lines += [(e["text"], e["id"]) for e in ents if e["level"] == "behavior" and e["cluster"] == q.cluster]
+def retrieve(mem, q, levels, tok, cap_tokens: int):
+    """(q's own best success or None, memory block, entry ids used), by q's TYPE: q's latest
+    failure, other training questions' successes (same sub-type, then cluster), insights of the
+    sub-type (and q's own), the cluster's behavior; cut at cap_tokens tokens."""
+    ents, own_ok, used = mem["entries"], None, []
+    exp = [e for e in ents if e["level"] == "experience"] if "experience" in levels else []
+    ok = [e for e in exp if e["question"] == q.id and e["reward"] == 1]
+    if ok:
+        best = max(ok, key=lambda e: (e["count"], e["step"]))
+        own_ok = answer_text(q, best["text"])
+        used.append(best["id"])
+    bad = sorted([e for e in exp if e["question"] == q.id and e["reward"] != 1], key=lambda e: e["step"])[-1:]
+    fails = [(f"An earlier attempt, {answer_text(q, e['text'])!r}, was judged: {e['feedback']}", e["id"]) for e in bad]
+    others = sorted([e for e in exp if e["question"] != q.id and e["reward"] == 1 and e["cluster"] == q.cluster],
+                    key=lambda e: (e["subtype"] != q.subtype, -e["count"], -e["step"]))
+    examples = {}
+    for e in others:                       # the best-ranked success of each other question
+        examples.setdefault(e["question"], (f"Solved: {e['shown']}", e["id"]))
+    examples = list(examples.values())
+    ins = [e for e in ents if "insight" in levels and e["level"] == "insight" and e["cluster"] == q.cluster
+           and e["subtype"] == q.subtype and (e["scope"] == "subtype" or e["question"] == q.id)]
+    ins.sort(key=lambda e: (e["question"] == q.id, jaccard(e["text"], q.question) + 0.1 * score(e)), reverse=True)
+    beh = [(e["text"], e["id"]) for e in ents if "behavior" in levels and e["level"] == "behavior" and e["cluster"] == q.cluster]
+    lines = fails + [(e["text"], e["id"]) for e in ins] + examples + beh
     block = ""
     for text, eid in lines:
         cand = block + f"- {text}\n"
@@ -349,557 +645,45 @@ def retrieve(mem, q, levels, tok, cap_tokens: int, exclude_insight: str | None =
     return own_ok, block.strip(), used
 
 
-# ----------------------------------------------------------------------------
-# teacher contexts
-
-
-def contexts(tok, qs, rewards, feedback, texts, method, mem=None, levels=(), cap_tokens=0, use_feedback=True):
-    """For each of B*G rollouts: (teacher prompt or None, where the context came from, entry ids).
-    The solution shown is the first OTHER success of the group (never the rollout itself); pmd
-    falls back on memory. A failed rollout also gets its own verifier feedback."""
-    G = len(rewards) // len(qs)
-    out = []
-    for i in range(len(rewards)):
-        q, b = qs[i // G], i // G
-        others = [j for j in range(b * G, b * G + G) if j != i and rewards[j] == 1]
-        sol = answer_text(q, texts[others[0]]) if others else None
-        fb = feedback[i] if use_feedback and rewards[i] != 1 else None
-        block, used, source = None, [], "group" if sol else ("feedback" if fb else None)
-        if method == "pmd":
-            own, block, used = retrieve(mem, q, levels, tok, cap_tokens)
-            if sol is None and own is not None:
-                sol, source = own, "memory"
-            elif source is None and block:
-                source = "memory"
-        if sol is None and fb is None and not block:
-            out.append((None, None, []))
-            continue
-        out.append((teacher_prompt(tok, q, sol, fb, block or None), source, used))
-    return out
-
-
-# ----------------------------------------------------------------------------
-# reflection and the validation gate (epoch end)
-
-
 def template_insight(q, good: str | None, bad: str | None) -> tuple[str, str, str]:
     """(text, kind, scope) built only from the evidence: a passing answer, else a rejected one."""
     if good is not None:
         text = answer_text(q, good).rstrip(".") + "." if q.cue else f"For {q.question.strip()!r}, {good.strip()!r} is accepted."
         return text, "strategy", "subtype"
-    # the question was not solved: the wrong attempt is shown without any trace of the gold answer
     return f"For {q.question.strip()!r}, {scrub(q, answer_text(q, bad))!r} is not accepted.", "lesson", "question"
 
 
 def reflect(model, tok, mode, evidence, temperature, seed, max_tokens=40):
-    """One candidate insight per question in evidence [(q, good text or None, bad text or None,
-    feedback of bad)]. Returns ([(q, text, kind, scope)], reflection tokens sampled)."""
-    out, n_tok = [], 0
+    """One candidate insight per question of evidence [(q, good, bad, feedback of bad)]: the
+    template, or the policy's own lesson (--reflector self). ([(q, text, kind, scope)], tokens)."""
     if mode == "template":
-        return [(q, *template_insight(q, g, b)) for q, g, b, _ in evidence], 0
-    prompts = []
-    for q, g, b, fb in evidence:
-        solved_here = g is not None
-        text = REFLECT.format(problem=common.render_question(q).replace("\n", " "),
-                              good=answer_text(q, g) if solved_here else "(none yet)",
-                              bad=answer_text(q, b) if b is not None else "(none)",
-                              fb=(fb or "(none)") if solved_here else redact_feedback(fb or ""))
-        prompts.append(as_turn(tok, text))
+        return [(q, *template_insight(q, g, b)) for q, g, b, _ in evidence if g is not None or b is not None], 0
+    prompts = [as_turn(tok, REFLECT.format(problem=common.render_question(q).replace("\n", " "),
+                                           good=answer_text(q, g) if g is not None else "(none yet)",
+                                           bad=answer_text(q, b) if b is not None else "(none)",
+                                           fb=redact(q, fb) if fb else "(none)")) for q, g, b, fb in evidence]
     res = common.sample(model, tok, prompts, n=1, max_new_tokens=max_tokens, temperature=temperature,
                         stop=ANSWER_STOP, seed=seed, progress="reflection")
-    for (q, g, b, _), s in zip(evidence, res):
-        n_tok += len(s.token_ids)
-        text = s.text.strip()
-        if g is None:
-            text = scrub(q, text)   # never store the gold answer of an unsolved question
-        if text:
-            out.append((q, text, "strategy" if g is not None else "lesson", "subtype" if g is not None else "question"))
-    return out, n_tok
-
-
-@torch.no_grad()
-def gate_gains(teacher, tok, insights, siblings, temperature):
-    """For each insight text, the teacher's mean per-token log-likelihood gain on verified
-    solutions of sibling training questions with the insight in context vs without.
-    siblings: per insight, a list of (q', solution completion text). Returns (gains, tokens)."""
-    prompts, comps, owner, arm = [], [], [], []
-    for k, (text, sibs) in enumerate(zip(insights, siblings)):
-        for q2, sol in sibs:
-            ids = tok(sol, add_special_tokens=False).input_ids
-            if not ids:
-                continue
-            for a, mem_block in ((1, f"- {text}"), (0, None)):
-                prompts.append(common.encode(tok, teacher_prompt(tok, q2, memory=mem_block)))
-                comps.append(ids)
-                owner.append(k)
-                arm.append(a)
-    gains = [None] * len(insights)
-    if not prompts:
-        return gains, 0
-    lp_all = []
-    for s in range(0, len(prompts), 8):
-        lp = common.token_logprobs(teacher, prompts[s:s + 8], comps[s:s + 8], temperature=temperature,
-                                   pad_id=tok.pad_token_id)
-        lp_all += [(lp["logprobs"][r] * lp["mask"][r]).sum().item() / lp["mask"][r].sum().item()
-                   for r in range(lp["mask"].shape[0])]
-    per = {}
-    for k, a, v in zip(owner, arm, lp_all):
-        per.setdefault(k, {0: [], 1: []})[a].append(v)
-    for k, d in per.items():
-        gains[k] = float(np.mean(d[1]) - np.mean(d[0]))
-    return gains, sum(len(p) + len(c) for p, c in zip(prompts, comps))
-
-
-# ----------------------------------------------------------------------------
-# evaluation: held-out questions, the same questions and row seeds for every method
-
-
-answer_key = common.answer_key   # the answer a completion gives, for votes and distinct counts
-
-
-def eval_prompts(tok, qs, mem=None, levels=(), cap_tokens=0):
-    if mem is None:
-        return [common.question_prompt(tok, q) for q in qs]
-    return [teacher_prompt(tok, q, memory=retrieve(mem, q, levels, tok, cap_tokens)[1] or None) for q in qs]
-
-
-def evaluate(model, tok, qs, n, temperature, max_new, seed, prompts=None, progress="eval") -> list[dict]:
-    """Per question: n sampled rewards and answers (row seeds fixed by seed and question index, so
-    every method and checkpoint is scored on the same random numbers) and the greedy reward."""
-    prompts = prompts or [common.question_prompt(tok, q) for q in qs]
-    base = common.stream_seed(seed, "eval")
-    seeds = [common.row_seed(base, i, j) for i in range(len(qs)) for j in range(n)]
-    samples = common.sample(model, tok, prompts, n=n, max_new_tokens=max_new, temperature=temperature,
-                            stop=ANSWER_STOP, row_seeds=seeds, progress=progress)
-    greedy = common.sample(model, tok, prompts, n=1, max_new_tokens=max_new, temperature=0,
-                           stop=ANSWER_STOP, progress=progress + " (greedy)")
-    out = []
-    for i, q in enumerate(qs):
-        rows = samples[i * n:(i + 1) * n]
-        r = [common.verify(q, s.text)[0] for s in rows]
-        keys = [answer_key(q, s.text) for s in rows]
-        votes = Counter(k for k in keys if k is not None)
-        maj = 0.0
-        if votes:
-            top = votes.most_common(1)[0][0]
-            maj = r[keys.index(top)]
-        out.append({"id": q.id, "rewards": r, "answers": [str(k) for k in keys], "greedy": common.verify(q, greedy[i].text)[0],
-                    "majority": maj, "distinct": len(votes), "greedy_text": greedy[i].text[:80]})
-    return out
-
-
-def summarise(per_q: list[dict], seed: int, k_max: int | None = None) -> dict:
-    """Every figure with its n and a 95% interval. Samples of one question are not independent:
-    mean accuracy uses the clustered bootstrap; per-question figures are independent across
-    questions (mean_ci)."""
-    n = len(per_q[0]["rewards"])
-    groups = [np.array(p["rewards"]) for p in per_q]
-    c = [int(g.sum()) for g in groups]
-    s = {"n_questions": len(per_q), "n_samples": n,
-         "accuracy": common.cluster_bootstrap_ci(groups, seed=common.stream_seed(seed, "bootstrap")),
-         "greedy": common.mean_ci([p["greedy"] for p in per_q], binary=True),
-         "majority": common.mean_ci([p["majority"] for p in per_q], binary=True),
-         "coverage": common.mean_ci([float(ci > 0) for ci in c], binary=True),
-         "distinct": common.mean_ci([p["distinct"] for p in per_q], binary=False, bounds=(0, n)),
-         "headroom": common.mean_ci([pass_at_k(n, ci, n) - ci / n for ci in c], binary=False, bounds=(0, 1)),
-         # pass@n is 0/1 per question (= coverage): Wilson; pass@k for k < n is a fraction: t, cut to [0, 1]
-         "pass_at_k": {str(k): common.mean_ci([pass_at_k(n, ci, k) for ci in c], binary=k == n, bounds=None if k == n else (0, 1))
-                       for k in pass_ks(min(k_max or n, n))}}
-    return s
-
-
-def paired_vs(per_a, per_b) -> dict:
-    """a - b on the same questions and row seeds: mean accuracy per question (t interval over
-    questions) and greedy (Newcombe's paired interval)."""
-    assert [p["id"] for p in per_a] == [p["id"] for p in per_b]
-    return {"accuracy": common.mean_ci([np.mean(a["rewards"]) - np.mean(b["rewards"]) for a, b in zip(per_a, per_b)],
-                                       binary=False),
-            "greedy": common.paired_binary_ci([a["greedy"] for a in per_a], [b["greedy"] for b in per_b])}
-
-
-# ----------------------------------------------------------------------------
-# one training run
-
-
-def build_parser():
-    p = common.add_common_args(common.ArgumentParser(description=__doc__.split("\n\n")[0]),
-                               data="data/procedural.jsonl")
-    p.add_argument("--method", choices=METHODS, default="pmd")
-    p.add_argument("--compare", action="store_true", help="base + grpo + sdpo + pmd in one folder, one report")
-    p.add_argument("--ablations", action="store_true", help="with --compare: also --freeze memory|policy and each level alone")
-    p.add_argument("--epochs", type=common.at_least(1), default=2)
-    p.add_argument("--B", type=common.at_least(1), default=2, help="questions per step")
-    p.add_argument("--G", type=common.at_least(1), default=8, help="rollouts per question")
-    p.add_argument("--train-per-type", type=common.at_least(1), default=1, help="training questions per (cluster, sub-type)")
-    p.add_argument("--dev-per-type", type=common.at_least(1), default=1, help="dev questions per type (checkpoint selection)")
-    p.add_argument("--test-per-type", type=common.at_least(1), default=1, help="held-out test questions per type")
-    p.add_argument("--include-controls", action="store_true", help="also use the negative-control clusters")
-    p.add_argument("--temperature", type=common.positive, default=0.7, help="rollouts, and both distributions of the loss")
-    p.add_argument("--max-new-tokens", type=common.at_least(1), default=16)
-    p.add_argument("--lr", type=common.positive, default=1e-6, help="AdamW, the same for every method")
-    p.add_argument("--clip", type=common.positive, default=1.0)
-    p.add_argument("--micro-batch", type=common.at_least(1), default=4, help="rows per forward/backward (memory only)")
-    p.add_argument("--top-k", type=common.at_least(1), default=100, help="student top-k ids in the distillation loss")
-    p.add_argument("--alpha", type=common.unit_interval, default=0.5, help="0 KL(teacher||student), 1 KL(student||teacher), 0.5 JSD")
-    p.add_argument("--tail", action=argparse.BooleanOptionalAction, default=True, help="the 1 - top-k mass bucket")
-    p.add_argument("--ema", type=common.unit_interval, default=0.05, help="teacher EMA rate per step (0 frozen, 1 = student)")
-    p.add_argument("--feedback", action=argparse.BooleanOptionalAction, default=True,
-                   help="show a failed rollout's verifier line to the teacher when the group has no success")
-    p.add_argument("--reflector", choices=["self", "template", "none"], default="template")
-    p.add_argument("--levels", default="experience,insight,behavior", help="which memory levels exist")
-    p.add_argument("--freeze", choices=["memory", "policy"], default=None, help="pmd ablations")
-    p.add_argument("--memory-tokens", type=common.at_least(1), default=64, help="cap on the retrieved memory block")
-    p.add_argument("--max-success", type=common.at_least(1), default=2, help="experience: successes kept per question")
-    p.add_argument("--max-failure", type=common.at_least(0), default=1, help="experience: failures kept per question")
-    p.add_argument("--insights-per-question", type=common.at_least(1), default=2)
-    p.add_argument("--insights-per-subtype", type=common.at_least(1), default=4)
-    p.add_argument("--gate-siblings", type=common.at_least(1), default=2, help="sibling questions an insight is validated on")
-    p.add_argument("--eval-samples", type=common.at_least(1), default=8, help="samples per held-out question (the n of pass@k)")
-    p.add_argument("--pass-k", type=common.at_least(1), default=None, help="largest k of pass@k (default: --eval-samples)")
-    p.add_argument("--dev-samples", type=common.at_least(1), default=2)
-    p.add_argument("--save-every", type=common.at_least(1), default=4, help="checkpoint every this many steps (and at epoch ends)")
-    return p
-
-
-def check_args(args):
-    """Checks across flags (each flag's own range is its argparse type)."""
-    levels = [x.strip() for x in args.levels.split(",") if x.strip()]
-    bad = [x for x in levels if x not in LEVELS]
-    if bad or not levels:
-        raise common.flag_error("levels", args.levels, f"unknown level {bad[0]!r}; choose from {', '.join(LEVELS)}"
-                                if bad else "name at least one level")
-    if args.freeze and (args.method != "pmd" or args.compare):
-        raise common.flag_error("freeze", args.freeze, f"only with --method pmd (got --method {args.method}"
-                                + (" --compare)" if args.compare else ")"))
-    if args.pass_k is not None and args.pass_k > args.eval_samples:
-        raise common.flag_error("pass_k", args.pass_k, f"k larger than n: at most --eval-samples {args.eval_samples}")
-
-
-def run_method(args, out: Path, split, log=print, start_evals=None) -> dict:
-    """Train one method in out/ (resuming if out/checkpoint exists and args.resume), evaluate on the
-    held-out test questions, write report.md; returns the summary (also out/eval.json).
-    start_evals: (base test evaluation, dev curve's first point) of the same starting model,
-    shared by --compare so the base model is evaluated once (same seeds: the same numbers)."""
-    levels = tuple(x.strip() for x in args.levels.split(",") if x.strip())
-    train, dev, test = split["train"], split["dev"], split["test"]
-    train_ids = {q.id for q in train}
-    mem_path, metrics_path, eval_path = out / "memory.json", out / "metrics.jsonl", out / "eval.json"
-    if eval_path.exists() and args.resume:
-        log(f"{out}: finished earlier; keeping its samples, recomputing its summaries and report")
-        result = add_summaries(json.loads(eval_path.read_text()), args)
-        common.atomic_write_json(eval_path, result)
-        write_report(out, args, result)
-        return result
-    ckpt = common.find_checkpoint(out) if args.resume else None     # survives a kill mid-save
-    resuming = ckpt is not None
-    model, tok = common.load_model(str(ckpt) if resuming else args.model, args.device, args.dtype, args.activation_checkpointing)
-    device = next(model.parameters()).device
-    sampler = common.rollout_copy(model, args.rollout_dtype)   # bf16 copy where bf16 is fast, else model itself
-    log(f"weights in {next(model.parameters()).dtype}, rollouts in {next(sampler.parameters()).dtype}")
-    params = [p_ for p_ in model.parameters() if p_.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr)
-    policy = common.Policy(model, sampler, tok, params, opt)
-    teacher = None
-    if args.method != "grpo":
-        teacher = copy.deepcopy(model).eval()
-        teacher.requires_grad_(False)
-    mem = new_memory()
-    steps_per_epoch = math.ceil(len(train) / args.B)
-    total = steps_per_epoch * args.epochs
-    state = {"start": 0, "epoch_rollouts": [], "best": None, "dev": [], "base": None, "compute": Counter()}
-    if resuming:
-        saved = common.load_resume_state(out, opt)
-        extra = saved["extra"]
-        state.update(start=saved["step"], epoch_rollouts=extra["epoch_rollouts"], best=extra["best"],
-                     dev=extra["dev"], base=extra["base"], compute=Counter(extra["compute"]))
-        mem = extra["memory"]
-        if teacher is not None:
-            teacher.load_state_dict(extra["teacher"])
-        # anything logged after the checkpoint is redone (a torn last line is dropped)
-        common.write_jsonl(metrics_path, [m for m in common.read_jsonl(metrics_path) if m["step"] < state["start"]])
-        log(f"resuming {out} at step {state['start']} of {total}")
-    elif metrics_path.exists():      # a fresh start in a folder a killed run left before its first checkpoint
-        metrics_path.unlink()
-    common.save_bank(mem_path, mem)
-    k_top = min(args.top_k, model.config.vocab_size)
-    t_run = time.time()
-
-    def dev_accuracy():
-        res = evaluate(sampler, tok, dev, args.dev_samples, args.temperature, args.max_new_tokens,
-                       common.stream_seed(args.seed, "dev"), prompts=frozen_policy_prompts(dev), progress="dev")
-        return common.cluster_bootstrap_ci([np.array(p["rewards"]) for p in res], seed=args.seed)
-
-    def frozen_policy_prompts(qs):
-        # the in-context memory agent (--freeze policy) is evaluated with memory in its context
-        if args.method == "pmd" and args.freeze == "policy":
-            return eval_prompts(tok, qs, mem, levels, args.memory_tokens)
-        return None
-
-    if state["base"] is None and start_evals is not None and not (args.method == "pmd" and args.freeze == "policy"):
-        state["base"], dev0 = copy.deepcopy(start_evals)
-        state["dev"], state["best"] = [dev0], {"epoch": 0, "dev": dev0["dev"]["mean"]}
-    if state["base"] is None:
-        log("evaluating the starting model on the held-out test questions...")
-        state["base"] = evaluate(sampler, tok, test, args.eval_samples, args.temperature, args.max_new_tokens,
-                                 args.seed, prompts=frozen_policy_prompts(test), progress="base eval")
-        state["dev"] = [{"epoch": 0, "rollouts": 0, "dev": dev_accuracy()}]
-        state["best"] = {"epoch": 0, "dev": state["dev"][0]["dev"]["mean"]}
-
-    bar = tqdm(range(state["start"], total), desc=f"{args.method} steps", initial=state["start"], total=total)
-    for step in bar:
-        t0 = time.time()
-        epoch = step // steps_per_epoch
-        order = [train[i] for i in np.random.default_rng(common.stream_seed(args.seed, "order", epoch)).permutation(len(train))]
-        qs = order[(step % steps_per_epoch) * args.B:(step % steps_per_epoch + 1) * args.B]
-        rec = {"step": step, "epoch": epoch, "questions": [q.id for q in qs]}
-
-        # ---- 1-2. B x G rollouts from the current policy, verified
-        prompts = [common.question_prompt(tok, q) for q in qs]
-        base_seed = common.stream_seed(args.seed, "rollout", step)
-        seeds = [common.row_seed(base_seed, b, j) for b in range(len(qs)) for j in range(args.G)]
-        t_s = time.time()
-        roll = common.sample(sampler, tok, prompts, n=args.G, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, stop=ANSWER_STOP, row_seeds=seeds, progress="rollouts")
-        rec["time_rollouts"] = time.time() - t_s
-        ver = [common.verify(qs[i // args.G], s.text) for i, s in enumerate(roll)]
-        rewards = [r for r, _ in ver]
-        feedback = [f for _, f in ver]
-        texts = [s.text for s in roll]
-        comp = [s.token_ids for s in roll]
-        s_ids = [common.encode(tok, prompts[i // args.G]) for i in range(len(roll))]
-        lens = [len(c) for c in comp]
-        state["compute"]["tokens_sampled"] += sum(lens)
-        sampled_lp = [lp for s in roll for lp in s.logprobs]
-        rec.update(reward=common.cluster_bootstrap_ci([rewards[b * args.G:(b + 1) * args.G] for b in range(len(qs))],
-                                                      seed=args.seed),
-                   length=float(np.mean(lens)), entropy=float(-np.mean(sampled_lp)) if sampled_lp else None)
-
-        # ---- 3. the loss
-        t_l = time.time()
-        rows, loss_val, n_active = [], None, 0
-        if args.method == "grpo":
-            R = torch.tensor(rewards, dtype=torch.float32).view(len(qs), args.G)
-            A = grpo_advantages(R).view(-1)
-            keep_groups = [b for b in range(len(qs)) if R[b].std() > 0]   # zero-variance groups: A = 0, skipped
-            rows = [i for b in keep_groups for i in range(b * args.G, (b + 1) * args.G)]
-            n_active = sum(lens[i] for i in rows)
-            rec.update(groups_used=len(keep_groups), groups_skipped=len(qs) - len(keep_groups))
-        else:
-            ctx = contexts(tok, qs, rewards, feedback, texts, args.method, mem, levels, args.memory_tokens, args.feedback)
-            rows = [i for i, (tp, _, _) in enumerate(ctx) if tp is not None]
-            n_active = sum(lens[i] for i in rows)
-            src = Counter(c[1] for c in ctx)
-            rec.update(context_share=len(rows) / len(ctx), no_context=len(ctx) - len(rows),
-                       context_from={k: v for k, v in src.items() if k}, memory_entries_used=sum(len(c[2]) for c in ctx))
-        rec["active_tokens"] = n_active
-        grad_norm = None
-        if rows and args.freeze != "policy":
-            total_loss, mism = 0.0, []
-            for s in range(0, len(rows), args.micro_batch):
-                mb = rows[s:s + args.micro_batch]
-                if args.method == "grpo":
-                    lp = common.token_logprobs(model, [s_ids[i] for i in mb], [comp[i] for i in mb],
-                                               temperature=args.temperature, pad_id=tok.pad_token_id)
-                    loss = grpo_loss(lp["logprobs"], lp["mask"], A[mb].to(device)) * (lp["mask"].sum() / n_active)
-                else:
-                    st = common.token_logprobs(model, [s_ids[i] for i in mb], [comp[i] for i in mb],
-                                               temperature=args.temperature, pad_id=tok.pad_token_id,
-                                               student_top_k=k_top)
-                    t_in = [teacher_input(tok, ctx[i][0], comp[i]) for i in mb]
-                    with torch.no_grad():
-                        te = common.token_logprobs(teacher, [p for p, _ in t_in], [c for _, c in t_in],
-                                                   temperature=args.temperature, pad_id=tok.pad_token_id,
-                                                   extra_ids=st["student_topk_ids"])
-                    state["compute"]["teacher_tokens"] += sum(len(p) + len(c) for p, c in t_in)
-                    loss = sdpo_loss(st["student_topk_logprobs"], te["extra_logprobs"], st["mask"], args.alpha,
-                                     args.tail, n_active=n_active)
-                loss.backward()
-                total_loss += float(loss.detach())
-                lp_mb = lp if args.method == "grpo" else st
-                mism.append(common.logprob_mismatch([roll[i].logprobs for i in mb], lp_mb["logprobs"], lp_mb["mask"]))
-            loss_val = total_loss
-            # how far the rollout policy (a bf16 copy where bf16 is fast) is from the trained one
-            n_m = sum(m["n"] for m in mism)
-            rec["logprob_mismatch"] = {"mean": sum(m["mean"] * m["n"] for m in mism if m["n"]) / n_m if n_m else None,
-                                       "max": max((m["max"] for m in mism if m["n"]), default=None), "n": n_m}
-            if math.isfinite(loss_val):
-                stepped = common.optimizer_step(policy, args.clip)
-                grad_norm = stepped["grad_norm"]
-                rec.update({k: v for k, v in stepped.items() if k != "grad_norm" and v is not None})
-            else:
-                rec["skipped"] = f"non-finite loss {loss_val}"
-                opt.zero_grad(set_to_none=True)
-        if teacher is not None and args.freeze != "policy":
-            ema_update(teacher, model, args.ema)    # every step, as SDPO's teacher update
-        rec.update(loss=loss_val, grad_norm=grad_norm, time_update=time.time() - t_l)
-        if args.method != "grpo":   # the divergence is the loss: log it as the step's KL figure
-            rec["divergence"] = loss_val
-
-        # ---- pmd: experience after every batch (co-evolution), unless frozen after epoch 0
-        t_m = time.time()
-        memory_live = args.method == "pmd" and not (args.freeze == "memory" and epoch > 0)
-        if memory_live and "experience" in levels:
-            for i, s in enumerate(roll):
-                add_experience(mem, qs[i // args.G], texts[i], rewards[i], feedback[i], epoch, step,
-                               args.max_success, args.max_failure)
-        state["epoch_rollouts"] += [{"q": qs[i // args.G].id, "text": texts[i], "reward": rewards[i],
-                                     "feedback": feedback[i]} for i in range(len(roll))]
-
-        # ---- epoch end: reflection, the gate, behavior, pruning; dev accuracy for checkpoint selection
-        if (step + 1) % steps_per_epoch == 0:
-            # --levels behavior alone still reflects insights (a behavior's lineage) but never retrieves them
-            if memory_live and ("insight" in levels or "behavior" in levels) and args.reflector != "none":
-                rec["epoch_end"] = epoch_end(sampler, teacher, tok, mem, state, train, levels, args, epoch)
-            mem["epoch"] = epoch + 1
-            rec["memory_size"] = level_sizes(mem)
-            state["epoch_rollouts"] = []
-            d = dev_accuracy()
-            state["dev"].append({"epoch": epoch + 1, "rollouts": (step + 1) * args.B * args.G, "dev": d})
-            rec["dev"] = d
-            if d["mean"] > state["best"]["dev"]:
-                state["best"] = {"epoch": epoch + 1, "dev": d["mean"]}
-                model.save_pretrained(out / "best")
-        rec["time_memory"] = time.time() - t_m
-
-        # ---- record: memory and metrics first, checkpoint last (a kill in between repeats a step)
-        check_no_heldout(mem, train_ids)
-        common.save_bank(mem_path, mem)
-        if args.method == "pmd" and (step + 1) % steps_per_epoch == 0:
-            common.save_bank(out / f"memory.epoch{epoch + 1}.json", mem)
-        rec.update(step_time=time.time() - t0, peak_memory_mb=common.peak_memory_mb(device))
-        common.append_jsonl(metrics_path, rec)
-        if (step + 1) % args.save_every == 0 or (step + 1) % steps_per_epoch == 0 or step + 1 == total:
-            extra = {"epoch_rollouts": state["epoch_rollouts"], "best": state["best"], "dev": state["dev"],
-                     "base": state["base"], "compute": dict(state["compute"]), "memory": mem,
-                     "teacher": teacher.state_dict() if teacher is not None else None}
-            common.save_checkpoint(out, model, tok, opt, step=step + 1, extra=extra)
-        bar.set_postfix(r=f"{np.mean(rewards):.2f}", tok=n_active,
-                        gn="-" if grad_norm is None else f"{grad_norm:.2g}")
-
-    # ---- evaluation: final weights, and the best-on-dev weights if they differ
-    log("evaluating on the held-out test questions...")
-    final = evaluate(sampler, tok, test, args.eval_samples, args.temperature, args.max_new_tokens, args.seed,
-                     prompts=frozen_policy_prompts(test), progress="final eval")
-    best = None
-    if state["best"]["epoch"] not in (0, args.epochs) and (out / "best").exists():
-        from transformers import AutoModelForCausalLM
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(out / "best", dtype=next(model.parameters()).dtype).state_dict())
-        common.sync_rollout(sampler, model)
-        best = evaluate(sampler, tok, test, args.eval_samples, args.temperature, args.max_new_tokens, args.seed,
-                        prompts=frozen_policy_prompts(test), progress="best eval")
-    elif state["best"]["epoch"] == 0:
-        best = state["base"]
-    result = {"method": args.method, "freeze": args.freeze, "levels": list(levels), "reflector": args.reflector,
-              "base": {"per_question": state["base"]}, "final": {"per_question": final},
-              "best_on_dev": {"epoch": state["best"]["epoch"], "dev": state["best"]["dev"]},
-              "dev_curve": state["dev"], "compute": {**dict(state["compute"]), "wall_s": time.time() - t_run},
-              "memory_size": level_sizes(mem)}
-    if best is not None:
-        result["best_on_dev"]["per_question"] = best
-    else:
-        result["best_on_dev"]["same_as"] = "final"
-    result = add_summaries(result, args)
-    # metrics written by a resumed run count the wall time of its own part only
-    common.atomic_write_json(eval_path, result)
-    write_report(out, args, result)
-    log(f"memory: {mem_path}\nmetrics: {metrics_path}\nreport:  {out / 'report.md'}")
-    return result
-
-
-def add_summaries(result: dict, args) -> dict:
-    """The summaries (and the paired comparisons with the base) of an eval.json result, computed
-    from its per-question samples only, so a --resume of a finished run re-derives them with the
-    current statistics."""
-    base = result["base"]["per_question"]
-    result["base"]["summary"] = summarise(base, args.seed, args.pass_k)
-    for part in (result["final"], result["best_on_dev"]):
-        if "per_question" in part:
-            part.update(summary=summarise(part["per_question"], args.seed, args.pass_k),
-                        vs_base=paired_vs(part["per_question"], base))
-    return result
-
-
-def epoch_end(sampler, teacher, tok, mem, state, train, levels, args, epoch) -> dict:
-    """Co-evolution at the end of an epoch, from the current policy's rollouts of this epoch:
-    reflect one candidate insight per question, admit it only if it raises the teacher's
-    likelihood of verified solutions on sibling questions (not its source), update the counters
-    of the insights already in memory the same way, build behaviors, prune."""
-    by_id = {q.id: q for q in train}
-    seen, evidence, solutions = [], [], {}
-    for r in state["epoch_rollouts"]:
-        if r["q"] not in seen:
-            seen.append(r["q"])
-        if r["reward"] == 1:
-            solutions.setdefault(r["q"], r["text"])
-    for qid in seen:
-        rs = [r for r in state["epoch_rollouts"] if r["q"] == qid]
-        good = next((r["text"] for r in rs if r["reward"] == 1), None)
-        bad = next((r for r in rs if r["reward"] != 1), None)
-        evidence.append((by_id[qid], good, bad["text"] if bad else None, bad["feedback"] if bad else None))
-    cands, n_tok = reflect(sampler, tok, args.reflector, evidence, args.temperature,
-                           common.stream_seed(args.seed, "reflect", epoch))
-    state["compute"]["reflection_tokens"] += n_tok
-
-    def siblings(q):
-        # verified solutions of OTHER training questions, this epoch: same sub-type first, then the
-        # rest of the cluster (with one training question per sub-type there is no same-sub-type one)
-        same = [x for x in sorted(solutions) if x != q.id and by_id[x].cluster == q.cluster]
-        same.sort(key=lambda x: by_id[x].subtype != q.subtype)
-        return [(by_id[x], solutions[x]) for x in same][:args.gate_siblings]
-
-    sib = [siblings(q) for q, *_ in cands]
-    gains, g_tok = gate_gains(teacher, tok, [c[1] for c in cands], sib, args.temperature)
-    admitted, untestable = [], 0
-    for (q, text, kind, scope), g in zip(cands, gains):
-        if g is None:
-            untestable += 1
-        elif g > 0:
-            admitted.append(add_insight(mem, {"cluster": q.cluster, "subtype": q.subtype, "question": q.id,
-                                              "scope": scope, "kind": kind, "text": text, "epoch": epoch,
-                                              "sources": [q.id], "gate_gain": g},
-                                        args.insights_per_question, args.insights_per_subtype))
-    # counters of the insights from earlier epochs: re-scored on this epoch's siblings
-    old = [e for e in mem["entries"] if e["level"] == "insight" and e["epoch"] < epoch]
-    old_gain, o_tok = gate_gains(teacher, tok, [e["text"] for e in old],
-                                 [siblings(by_id[e["question"]]) for e in old], args.temperature)
-    for e, g in zip(old, old_gain):
-        if g is not None:
-            e["helpful" if g > 0 else "harmful"] += 1
-    state["compute"]["gate_tokens"] += g_tok + o_tok
-    n_beh = build_behaviors(sampler, tok, mem, args, epoch) if "behavior" in levels else 0
-    dropped = prune(mem)
-    tested = len(cands) - untestable
-    info = {"candidates": len(cands), "untestable": untestable, "admitted": len(admitted),
-            "admit_rate": common.mean_ci([float(g > 0) for g in gains if g is not None], binary=True) if tested else None,
-            "gate_gain": common.mean_ci([g for g in gains if g is not None], binary=False) if tested else None,
-            "memory_gain_old": common.mean_ci([g for g in old_gain if g is not None], binary=False)
-            if any(g is not None for g in old_gain) else None,
-            "behaviors": n_beh, "pruned": dropped}
-    mem["log"].append({"epoch": epoch, **{k: v for k, v in info.items()}})
-    return info
+    out = [(q, s.text.strip() if g is not None else scrub(q, s.text.strip()), "strategy" if g is not None else "lesson",
+            "subtype" if g is not None else "question") for (q, g, _, _), s in zip(evidence, res) if s.text.strip()]
+    return out, sum(len(s.token_ids) for s in res)
 
 
 def build_behaviors(model, tok, mem, args, epoch) -> int:
-    """One behavior per cluster whose admitted insights span at least 3 questions: the pattern
-    across them (written by the policy with --reflector self, else their best statements joined).
-    Lineage: the insights and questions it came from; counters start from theirs."""
+    """One behavior per cluster whose insights span >= 3 questions: the pattern across them (the
+    policy's own with --reflector self, else their best statements joined), with lineage."""
     made = 0
-    clusters = sorted({e["cluster"] for e in mem["entries"] if e["level"] == "insight"})
-    for c in clusters:
-        ins = sorted([e for e in mem["entries"] if e["level"] == "insight" and e["cluster"] == c],
-                     key=lambda e: -score(e))
+    for c in sorted({e["cluster"] for e in mem["entries"] if e["level"] == "insight"}):
+        ins = sorted([e for e in mem["entries"] if e["level"] == "insight" and e["cluster"] == c], key=lambda e: -score(e))
         qids = sorted({s for e in ins for s in e["sources"]})
         if len(qids) < 3:
             continue
-        top = ins[:4]
+        top, text = ins[:4], " ".join(e["text"] for e in ins[:4])
         if args.reflector == "self":
             prompt = as_turn(tok, SUMMARISE.format(lessons="\n".join(f"- {e['text']}" for e in top)))
-            s = common.sample(model, tok, [prompt], n=1,
-                              max_new_tokens=40, temperature=args.temperature, stop=ANSWER_STOP,
-                              seed=common.stream_seed(args.seed, "behavior", epoch, made))[0]
-            text = s.text.strip() or " ".join(e["text"] for e in top)
-        else:
-            text = " ".join(e["text"] for e in top)
+            s = common.sample(model, tok, [prompt], n=1, max_new_tokens=40, temperature=args.temperature,
+                              stop=ANSWER_STOP, seed=common.stream_seed(args.seed, "behavior", epoch, made))[0]
+            text = s.text.strip() or text
         mem["entries"] = [e for e in mem["entries"] if not (e["level"] == "behavior" and e["cluster"] == c)]
         mem["entries"].append({"id": next_id(mem, "behavior"), "level": "behavior", "cluster": c, "subtype": None,
                                "text": text, "epoch": epoch, "from": [e["id"] for e in top], "sources": qids,
@@ -909,186 +693,312 @@ def build_behaviors(model, tok, mem, args, epoch) -> int:
 
 
 # ----------------------------------------------------------------------------
-# report
+# evaluation: the same questions, option rotations and row seeds for every method
+
+
+def rotated(q, k: int):
+    """q with its options rotated by k (the gold letter moves with its option); id '<id>~r<k>'."""
+    if q.answer_type != "mcq":
+        return common.Question(**{**vars(q), "id": f"{q.id}~r{k}", "meta": {**q.meta, "source": q.id}})
+    n = len(q.choices)
+    choices = [q.choices[(i + k) % n] for i in range(n)]
+    gold = common.LETTERS[(common.LETTERS.index(q.answer) - k) % n]
+    return common.Question(**{**vars(q), "id": f"{q.id}~r{k}", "choices": choices, "answer": gold,
+                              "meta": {**q.meta, "source": q.id}})
+
+
+def score_set(args, model, tok, qs, stream, samples, mem=None) -> list[dict]:
+    """Each question under --permutations fixed rotations x samples rows (row seeds keyed by the
+    rotated id: the same for every method and checkpoint). Per question: rewards, no-answer flags."""
+    rot = [rotated(q, k) for q in qs for k in range(args.permutations)]
+    lesson = {q.id: retrieve(mem, q, levels_of(args), tok, args.memory_tokens)[1] or None if mem is not None else None
+              for q in qs}
+    prompts = [common.question_prompt(tok, r, lesson=lesson[r.meta["source"]]) for r in rot]
+    sc = common.score(model, tok, rot, prompts, samples, args.seed, stream, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, stop=ANSWER_STOP, progress=stream)
+    out = {q.id: {"id": q.id, "rewards": [], "no_answer": []} for q in qs}
+    for r, rew, ans in zip(rot, sc.rewards, sc.answers):
+        out[r.meta["source"]]["rewards"] += rew.tolist()
+        out[r.meta["source"]]["no_answer"] += [a is None for a in ans]
+    return list(out.values())
+
+
+def accuracy(per_q, seed) -> dict:
+    return common.cluster_bootstrap_ci([p["rewards"] for p in per_q], seed=common.stream_seed(seed, "bootstrap"))
+
+
+def summarise(per_q: list[dict], seed: int, k_max: int | None = None) -> dict:
+    """Mean accuracy and no-answer share (clustered bootstrap over questions), pass@k (t, cut to
+    [0, 1]; k = n: Wilson, it is coverage), coverage (Wilson)."""
+    n, c = len(per_q[0]["rewards"]), [int(sum(p["rewards"])) for p in per_q]
+    return {"n_questions": len(per_q), "n_samples": n, "accuracy": accuracy(per_q, seed),
+            "no_answer": common.cluster_bootstrap_ci([np.array(p["no_answer"], float) for p in per_q],
+                                                     seed=common.stream_seed(seed, "bootstrap")),
+            "coverage": common.mean_ci([float(x > 0) for x in c], binary=True),
+            "pass_at_k": {str(k): common.mean_ci([pass_at_k(n, x, k) for x in c], binary=k == n,
+                                                 bounds=None if k == n else (0, 1)) for k in pass_ks(min(k_max or n, n))}}
+
+
+def contrast(a, b, seed) -> dict:
+    """mean(a) - mean(b), paired by question and sample row (common.paired_bootstrap)."""
+    assert [p["id"] for p in a] == [p["id"] for p in b]
+    return common.paired_bootstrap({"a": [p["rewards"] for p in a], "b": [p["rewards"] for p in b]},
+                                   lambda m: m["a"] - m["b"], seed=common.stream_seed(seed, "bootstrap"))
+
+
+def evaluate(args, policy, split, st, out) -> dict:
+    """Final weights on test and on their own training questions (the positive control), the
+    best-on-dev weights on test; summaries and contrasts with the base; writes eval.json."""
+    print("evaluating on the held-out test questions and the training questions...")
+    mem = st.memory if args.freeze == "policy" else None     # the in-context agent keeps its memory
+    m, tok = policy.rollout, policy.tok
+    res = {"method": args.method, "settings": {k: getattr(args, k) for k in SETTINGS}, "base": st.base,
+           "final": {"test": score_set(args, m, tok, split["test"], "eval", args.eval_samples, mem),
+                     "train": score_set(args, m, tok, split["train"], "train-control", args.eval_samples, mem)},
+           "best_on_dev": dict(st.best), "dev_curve": st.dev, "memory_size": level_sizes(st.memory),
+           "compute": dict(st.compute)}
+    if st.best["epoch"] == 0:
+        res["best_on_dev"]["test"] = st.base["test"]
+    elif st.best["epoch"] != args.epochs and (out / "best").exists():
+        from transformers import AutoModelForCausalLM
+        best = AutoModelForCausalLM.from_pretrained(out / "best", dtype=next(policy.model.parameters()).dtype)
+        policy.model.load_state_dict(best.state_dict())
+        common.sync_rollout(m, policy.model)
+        res["best_on_dev"]["test"] = score_set(args, m, tok, split["test"], "eval", args.eval_samples, mem)
+    res = add_summaries(res, args)
+    common.atomic_write_json(out / "eval.json", res)
+    write_report(out)
+    return res
+
+
+def add_summaries(res, args) -> dict:
+    """Summaries and paired contrasts from the per-question samples only (a --resume re-derives them)."""
+    s = lambda pq: summarise(pq, args.seed, args.pass_k)
+    res["summary"] = {"base": s(res["base"]["test"]), "final": s(res["final"]["test"]),
+                      "base_train": s(res["base"]["train"]), "final_train": s(res["final"]["train"]),
+                      "final_vs_base": contrast(res["final"]["test"], res["base"]["test"], args.seed),
+                      "train_control": contrast(res["final"]["train"], res["base"]["train"], args.seed)}
+    if "test" in res["best_on_dev"]:
+        res["summary"]["best"] = s(res["best_on_dev"]["test"])
+        res["summary"]["best_vs_base"] = contrast(res["best_on_dev"]["test"], res["base"]["test"], args.seed)
+    return res
+
+
+# ----------------------------------------------------------------------------
+# report: reads the run folder only
 
 
 def fmt(ci, signed=False):
     return common.fmt_ci(ci, signed=signed)
 
 
-def summary_rows(name, s, vs=None):
-    return (f"| {name} | {fmt(s['accuracy'])} | {fmt(s['greedy'])} | {fmt(s['majority'])} | "
-            f"{fmt(s['pass_at_k'][max(s['pass_at_k'], key=int)])} | {fmt(s['coverage'])} | {fmt(s['distinct'])} | "
-            f"{fmt(s['headroom'])} | {fmt(vs['accuracy'], True) if vs else '-'} | {fmt(vs['greedy'], True) if vs else '-'} |")
+def ctx_counts(m) -> str:
+    return "/".join(str(m.get(k, "-")) for k in ("group_contexts", "memory_contexts", "feedback_contexts", "no_context"))
 
 
-TABLE_HEAD = ["| run | mean accuracy | greedy | majority | pass@n | coverage | distinct answers | headroom (pass@n - mean) | vs base: accuracy | vs base: greedy |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-
-
-def write_report(out: Path, args, r: dict):
-    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    fs, bs = r["final"]["summary"], r["base"]["summary"]
-    name = args.method + (f" --freeze {args.freeze}" if args.freeze else "") + \
-        (f" --levels {args.levels}" if args.method == "pmd" and args.levels != ",".join(LEVELS) else "")
-    lines = [f"# {name}: {out.name}", "",
-             f"Held-out test: {fs['n_questions']} questions x {fs['n_samples']} samples (T={args.temperature}), the same "
-             f"questions and row seeds for every method. Mean accuracy: clustered bootstrap over questions; the rest: "
-             f"per-question values, Wilson or t intervals over questions. 95% intervals.", "",
-             *TABLE_HEAD, summary_rows("base", bs), summary_rows(f"{name} (final)", fs, r["final"]["vs_base"])]
-    b = r["best_on_dev"]
-    if "summary" in b:
-        lines.append(summary_rows(f"{name} (best on dev, epoch {b['epoch']})", b["summary"], b["vs_base"]))
-    else:
-        lines.append(f"\nBest on dev: epoch {b['epoch']} (the final weights).")
-    lines += ["", "pass@k (unbiased estimator, mean over questions): " +
-              ", ".join(f"k={k}: {fmt(v)}" for k, v in fs["pass_at_k"].items()), ""]
-    lines += ["## Dev accuracy against cumulative training rollouts", "", "| epoch | rollouts | dev accuracy |", "|---|---|---|"]
-    lines += [f"| {d['epoch']} | {d['rollouts']} | {fmt(d['dev'])} |" for d in r["dev_curve"]]
-    lines += ["", "## Per step", "",
-              "| step | epoch | reward | active tokens | teacher-context share | grad norm | loss | entropy | length | time s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for m in metrics:
-        gn = "-" if m["grad_norm"] is None else f"{m['grad_norm']:.3g}"
-        lo = "-" if m["loss"] is None else f"{m['loss']:.4g}"
-        cs = f"{m['context_share']:.2f}" if "context_share" in m else "-"
-        lines.append(f"| {m['step']} | {m['epoch']} | {fmt(m['reward'])} | {m['active_tokens']} | {cs} | {gn} | {lo} | "
-                     f"{m['entropy']:.2f} | {m['length']:.1f} | {m['step_time']:.1f} |")
-    ends = [m for m in metrics if "memory_size" in m]
-    if args.method == "pmd":
-        lines += ["", "## Per epoch (memory)", "",
-                  "| epoch | experience | insight | behavior | candidates | untestable | admitted | admit rate | gate gain (nats/token) | old insights' gain | pruned |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for m in ends:
-            e, ms = m.get("epoch_end") or {}, m["memory_size"]
-            lines.append(f"| {m['epoch']} | {ms['experience']} | {ms['insight']} | {ms['behavior']} | {e.get('candidates', '-')} | "
-                         f"{e.get('untestable', '-')} | {e.get('admitted', '-')} | {fmt(e.get('admit_rate'))} | "
-                         f"{fmt(e.get('gate_gain'), True)} | {fmt(e.get('memory_gain_old'), True)} | {e.get('pruned', '-')} |")
-    if args.method != "grpo":
-        share = [m["context_share"] for m in metrics]
-        lines += ["", f"Teacher context given to {np.mean(share):.0%} of rollouts (mean over steps); "
-                  f"rollouts with no context (mask 0): {sum(m['no_context'] for m in metrics)}; "
-                  f"contexts by source: {dict(sum((Counter(m['context_from']) for m in metrics), Counter()))}."]
-    c = r["compute"]
-    lines += ["", "## Compute", "", f"tokens sampled {c.get('tokens_sampled', 0)}, teacher-forward tokens "
-              f"{c.get('teacher_tokens', 0)}, reflection tokens {c.get('reflection_tokens', 0)}, gate tokens "
-              f"{c.get('gate_tokens', 0)}, wall time {c['wall_s'] / 60:.1f} min (this process)."]
+def write_report(out: Path) -> None:
+    """One run's report.md from its config.json, eval.json and metrics.jsonl."""
+    cfg, res, rows = json.loads((out / "config.json").read_text()), json.loads((out / "eval.json").read_text()), common.read_metrics(out)
+    s, f3 = res["summary"], lambda x: "-" if x is None else f"{x:.3g}"
+    lines = [f"# {cfg['method']}: {out.name}", "", "Settings: " + ", ".join(f"{k} {v}" for k, v in res["settings"].items()), "",
+             f"Held-out test: {s['final']['n_questions']} questions x {s['final']['n_samples']} samples ({cfg['permutations']} "
+             "option rotations), paired by question and row. 95% intervals.", ""]
+    table = [[w, fmt(s[k]["accuracy"]), fmt(s[k]["no_answer"]), fmt(s[k]["coverage"]), fmt(s.get(f"{k}_vs_base"), True)]
+             for w, k in (("base", "base"), ("final", "final"), (f"best on dev (epoch {res['best_on_dev']['epoch']})", "best")) if k in s]
+    lines += common.md_table(["weights", "accuracy", "no answer", "coverage", "vs base (paired)"], table)
+    lines += ["", "pass@k (final): " + ", ".join(f"k={k}: {fmt(v)}" for k, v in s["final"]["pass_at_k"].items()), "",
+              f"Positive control, its own training questions: before {fmt(s['base_train']['accuracy'])}, after "
+              f"{fmt(s['final_train']['accuracy'])}, change {fmt(s['train_control'], True)}.", "",
+              "Dev accuracy by epoch: " + ", ".join(f"{d['epoch']}: {fmt(d['dev'])}" for d in res["dev_curve"]), "", "## Per step", ""]
+    lines += common.md_table(["step", "reward", "no answer", "contexts group/memory/feedback/none", "memory gain (nats)", "lr",
+                              "grad norm", "loss", "length", "s"],
+                             [[m["step"], fmt(m["reward"]), f"{m['no_answer']:.2f}", ctx_counts(m), fmt(m.get("memory_gain"), True),
+                               f3(m["lr"]), f3(m["grad_norm"]), f3(m["loss"]), f"{m['length']:.1f}", f"{m['step_time']:.0f}"] for m in rows])
+    lines += ["", "## The teacher at the first answer position (each epoch's first step)", ""] + common.md_table(
+        ["step", "P(stop) with / without context", "P(option) with / without context"],
+        [[m["step"]] + [f"{f3(m['probe']['with_context'][k])} / {f3(m['probe']['without'][k])}" for k in ("p_stop", "p_option")]
+         for m in rows if "probe" in m])
+    ends = [m["epoch_end"] for m in rows if "epoch_end" in m]
+    lines += ["", "## Gate, per epoch", ""] + common.md_table(
+        ["epoch", "candidates", "untestable", "admitted", "admit rate", "gate gain (nats/token)", "behaviors", "pruned"],
+        [[i, e["candidates"], e["untestable"], e["admitted"], fmt(e["admit_rate"]), fmt(e["gate_gain"], True), e["behaviors"],
+          e["pruned"]] for i, e in enumerate(ends)]) + [f"- epoch {i}: {e['note']}" for i, e in enumerate(ends) if e.get("note")]
+    lines += ["", f"Compute: {', '.join(f'{k} {v:.0f}' for k, v in res['compute'].items())}; memory {res['memory_size']}."]
     common.write_report(out, lines)
 
 
-PAPER = ("| paper (Qwen3-8B) SciKnowEval | 47.9 | 69.4 | 74.4 | 77.2 |\n"
-         "| paper (Qwen3-8B) LiveCodeBench v6 | 27.1 | 41.2 | 47.9 | 51.7 |")
-
-
-def write_compare_report(out: Path, results: dict):
-    base = next(iter(results.values()))["base"]
-    lines = ["# base / GRPO / SDPO / PMD", "",
-             f"Held-out test: {base['summary']['n_questions']} questions x {base['summary']['n_samples']} samples; "
-             "the same questions and row seeds in every row (paired). 95% intervals.", "",
-             "## Main table (final weights)", "", *TABLE_HEAD, summary_rows("base", base["summary"])]
-    for name, r in results.items():
-        lines.append(summary_rows(name, r["final"]["summary"], r["final"]["vs_base"]))
-    lines += ["", "Best on dev (weights chosen on the dev split; evaluated once on test):", "", *TABLE_HEAD]
-    for name, r in results.items():
-        b = r["best_on_dev"]
-        s = b.get("summary", r["final"]["summary"])
-        lines.append(summary_rows(f"{name} (epoch {b['epoch']})", s, b.get("vs_base", r["final"]["vs_base"])))
-    lines += ["", "Mean accuracy beside the paper's (shape only: a 270M base model on our synthetic families, "
-              "not their model or data):", "", "| | base | GRPO | SDPO | PMD |", "|---|---|---|---|---|"]
-    acc = [base["summary"]["accuracy"]["mean"]] + [results[m]["final"]["summary"]["accuracy"]["mean"]
-                                                    if m in results else float("nan") for m in METHODS]
-    lines += ["| ours, mean accuracy x 100 | " + " | ".join(f"{100 * a:.1f}" for a in acc) + " |", PAPER]
-    if "pmd" in results:
-        ref = results["pmd"]["final"]["per_question"]
-        abl = {k: v for k, v in results.items() if k.startswith("pmd ")}
-        if abl:
-            lines += ["", "## Ablations (change against full PMD, same questions and seeds)", "",
-                      "| run | mean accuracy | vs PMD: accuracy | vs PMD: greedy |", "|---|---|---|---|"]
-            for k, v in abl.items():
-                d = paired_vs(v["final"]["per_question"], ref)
-                lines.append(f"| {k} | {fmt(v['final']['summary']['accuracy'])} | {fmt(d['accuracy'], True)} | {fmt(d['greedy'], True)} |")
-    lines += ["", "## Dev accuracy against cumulative training rollouts", "", "| run | " +
-              " | ".join(f"after {d['rollouts']} rollouts" for d in next(iter(results.values()))["dev_curve"]) + " |",
-              "|---|" + "---|" * len(next(iter(results.values()))["dev_curve"])]
-    for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{d['dev']['mean']:.2f}" for d in r["dev_curve"]) + " |")
-    plot = plot_curves(out, results)
-    if plot:
-        lines += ["", f"![dev accuracy]({plot})"]
-    lines += ["", "## Compute", "", "| run | tokens sampled | teacher-forward tokens | reflection tokens | gate tokens | wall min |",
-              "|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        c = r["compute"]
-        lines.append(f"| {name} | {c.get('tokens_sampled', 0)} | {c.get('teacher_tokens', 0)} | "
-                     f"{c.get('reflection_tokens', 0)} | {c.get('gate_tokens', 0)} | {c['wall_s'] / 60:.1f} |")
-    lines += ["", "Per-run details (per step, per epoch, memory): each run's own `report.md`."]
+def write_compare_report(out: Path, names: list[str], seed: int) -> None:
+    """Each method against base, PMD - SDPO and SDPO - GRPO (paired), pass@k, coverage, the
+    training-set control and the context sources, from each run's eval.json and metrics.jsonl."""
+    res = {n: json.loads((out / folder(n) / "eval.json").read_text()) for n in names}
+    b = next(iter(res.values()))["summary"]
+    lines = ["# base / GRPO / SDPO / PMD", "", "Settings (pmd): " + ", ".join(f"{k} {v}" for k, v in res[names[-1]]["settings"].items()), "",
+             f"Held-out test: {b['base']['n_questions']} questions x {b['base']['n_samples']} samples (fixed option rotations), "
+             "the same rows for every run. 95% paired-bootstrap intervals.", ""]
+    rows = [["base", fmt(b["base"]["accuracy"]), fmt(b["base"]["no_answer"]), fmt(b["base"]["coverage"]), "-",
+             fmt(b["base_train"]["accuracy"]), "-", "-"]]
+    for n, r in res.items():
+        s, m = r["summary"], common.read_metrics(out / folder(n))
+        src = {k: sum(x.get(k, 0) for x in m) for k in ("group_contexts", "memory_contexts", "feedback_contexts", "no_context")}
+        rows.append([n, fmt(s["final"]["accuracy"]), fmt(s["final"]["no_answer"]), fmt(s["final"]["coverage"]), fmt(s["final_vs_base"], True),
+                     fmt(s["final_train"]["accuracy"]), fmt(s["train_control"], True), ctx_counts(src) if n != "grpo" else "-"])
+    lines += common.md_table(["run", "accuracy", "no answer", "coverage", "vs base", "own training questions (base: before)", "training change",
+                              "contexts group/memory/feedback/none"], rows)
+    pairs = [(x, y) for x, y in (("pmd", "sdpo"), ("sdpo", "grpo"), ("pmd", "grpo")) if x in res and y in res]
+    lines += ["", "## Paired contrasts (final weights, test)", ""] + common.md_table(
+        ["contrast", "difference"], [[f"{x} - {y}", fmt(contrast(res[x]["final"]["test"], res[y]["final"]["test"], seed), True)] for x, y in pairs])
+    lines += ["", "## pass@k (final weights)", ""] + common.md_table(
+        ["run"] + [f"pass@{k}" for k in b["base"]["pass_at_k"]],
+        [["base"] + [fmt(v) for v in b["base"]["pass_at_k"].values()]] + [[n] + [fmt(v) for v in r["summary"]["final"]["pass_at_k"].values()]
+                                                                          for n, r in res.items()])
+    lines += ["", "Best on dev: " + "; ".join(f"{n} epoch {r['best_on_dev']['epoch']}" + (
+        f", {fmt(r['summary']['best_vs_base'], True)} vs base" if "best_vs_base" in r["summary"] else "") for n, r in res.items()),
+              "", "Per run (per step, teacher probes, gate): each run's own `report.md`."]
     common.write_report(out, lines)
-
-
-def plot_curves(out: Path, results: dict):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, r in results.items():
-        ax.plot([d["rollouts"] for d in r["dev_curve"]], [d["dev"]["mean"] for d in r["dev_curve"]], marker="o", label=name)
-    ax.set_xlabel("cumulative training rollouts")
-    ax.set_ylabel("dev accuracy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "dev_curve.png", dpi=100)
-    return "dev_curve.png"
 
 
 # ----------------------------------------------------------------------------
-# main
+# flags
+
+
+def build_parser():
+    p = common.add_common_args(common.ArgumentParser(description=__doc__.split("\n\n")[0]), data="data/procedural.jsonl")
+    a = p.add_argument
+    a("--method", choices=METHODS, default="pmd")
+    a("--compare", action="store_true", help="base once, then grpo, sdpo, pmd in one folder, one report")
+    a("--ablations", action="store_true", help="with --compare: also --freeze memory|policy and each level alone")
+    a("--epochs", type=common.at_least(1), default=2)
+    a("--B", type=common.at_least(1), default=2, help="questions per step")
+    a("--G", type=common.at_least(1), default=8, help="rollouts per question")
+    a("--train-per-type", type=common.at_least(1), default=2, help="training questions per (cluster, sub-type)")
+    a("--dev-per-type", type=common.at_least(1), default=1, help="dev questions per type (checkpoint selection)")
+    a("--test-per-type", type=common.at_least(1), default=1, help="held-out test questions per type")
+    a("--include-controls", action="store_true", help="also use the negative-control clusters")
+    a("--temperature", type=common.positive, default=0.7, help="rollouts, and both distributions of the loss")
+    a("--max-new-tokens", type=common.at_least(1), default=16)
+    a("--lr", type=common.positive, default=1e-6, help="AdamW, the same for every method")
+    a("--warmup", type=common.at_least(0), default=10, help="linear lr warm-up steps (the reference: 10)")
+    a("--clip", type=common.positive, default=1.0)
+    a("--micro-batch", type=common.at_least(1), default=4, help="rows per forward/backward (memory only)")
+    a("--top-k", type=common.at_least(1), default=100, help="student top-k ids in the distillation loss")
+    a("--alpha", type=common.unit_interval, default=0.5, help="0 KL(teacher||student), 1 KL(student||teacher), 0.5 JSD")
+    a("--tail", action=argparse.BooleanOptionalAction, default=True, help="the 1 - top-k mass bucket")
+    a("--ema", type=common.unit_interval, default=0.05, help="teacher EMA rate per optimizer step")
+    a("--feedback", choices=FEEDBACK_MODES, default=None,
+      help="verifier lines for the teacher (default: none for multiple choice, as the reference; else without-solution)")
+    a("--teacher-format", choices=["sdpo", "student"], default="sdpo", help="student: the solution as a solved example")
+    a("--grpo-blend", type=common.unit_interval, default=0.0, help="sdpo/pmd: weight of the GRPO loss in the mix")
+    a("--reflector", choices=["self", "template", "none"], default="template")
+    a("--seed-memory", choices=["none", "data"], default="none", help="data: the data's lessons as insights (upper bound)")
+    a("--levels", default="experience,insight,behavior", help="which memory levels exist")
+    a("--freeze", choices=["memory", "policy"], default=None, help="pmd ablations")
+    a("--memory-tokens", type=common.at_least(1), default=128, help="cap on the retrieved memory block")
+    a("--max-success", type=common.at_least(1), default=2, help="experience: successes kept per question")
+    a("--max-failure", type=common.at_least(0), default=1, help="experience: failures kept per question")
+    a("--insights-per-question", type=common.at_least(1), default=2)
+    a("--insights-per-subtype", type=common.at_least(1), default=4)
+    a("--gate-siblings", type=common.at_least(3), default=3, help="sibling questions an insight is scored on (>= 3)")
+    a("--permutations", type=common.at_least(1), default=4, help="fixed option rotations per evaluated question")
+    a("--eval-samples", type=common.at_least(1), default=2, help="samples per rotation of a test / training question")
+    a("--pass-k", type=common.at_least(1), default=None, help="largest k of pass@k (default: all samples)")
+    a("--dev-samples", type=common.at_least(1), default=1, help="samples per rotation of a dev question")
+    a("--save-every", type=common.at_least(1), default=4, help="checkpoint every this many steps (and at epoch ends)")
+    return p
+
+
+def check_args(args, questions):
+    """Checks across flags (each flag's own range is its argparse type); resolves --feedback."""
+    levels = levels_of(args)
+    bad = [x for x in levels if x not in LEVELS]
+    if bad or not levels:
+        raise common.flag_error("levels", args.levels, f"unknown level {bad[0]!r}; choose from {', '.join(LEVELS)}"
+                                if bad else "name at least one level")
+    if args.freeze and (args.method != "pmd" or args.compare):
+        raise common.flag_error("freeze", args.freeze, f"only with --method pmd (got --method {args.method}"
+                                + (" --compare)" if args.compare else ")"))
+    if args.pass_k is not None and args.pass_k > args.eval_samples * args.permutations:
+        raise common.flag_error("pass_k", args.pass_k, "k larger than n: at most --eval-samples x --permutations")
+    if args.feedback is None:
+        args.feedback = "none" if all(q.answer_type == "mcq" for q in questions) else "without-solution"
+
+
+def folder(name: str) -> str:
+    return name.replace(" --", "-").replace(" ", "-")
+
+
+def make_split(args):
+    questions = common.load_questions(args.data)
+    if not args.include_controls:
+        questions = [q for q in questions if not q.meta.get("negative_control")]
+    check_args(args, questions)
+    split = split_questions(questions, args.dev_per_type, args.test_per_type, args.seed)
+    if not split["test"] or not split["dev"]:
+        raise common.UserError(f"{args.data}: no train/held-out split possible: a (cluster, sub-type) needs at least "
+                               f"{args.test_per_type + args.dev_per_type + 1} questions (--test-per-type "
+                               f"{args.test_per_type} + --dev-per-type {args.dev_per_type} + 1 to train)")
+    split["train"] = stratified_take(split["train"], args.train_per_type)
+    held = {common.text_key(q) for q in split["dev"] + split["test"]}
+    split["train"] = [q for q in split["train"] if common.text_key(q) not in held]    # text-disjoint, not just ids
+    return split
+
+
+def split_questions(questions, dev_per_type: int, test_per_type: int, seed: int):
+    """Within each (cluster, sub-type), ordered by a hash of the id: test, then dev, the rest train.
+    A type too small to give every split a question goes to train only."""
+    by_type = {}
+    for q in questions:
+        by_type.setdefault((q.cluster, q.subtype), []).append(q)
+    split = {"train": [], "dev": [], "test": []}
+    for key in sorted(by_type, key=str):
+        qs = sorted(by_type[key], key=lambda q: (zlib.crc32(f"{seed}:{q.id}".encode()), q.id))
+        if len(qs) < test_per_type + dev_per_type + 1:
+            split["train"] += qs
+            continue
+        split["test"] += qs[:test_per_type]
+        split["dev"] += qs[test_per_type:test_per_type + dev_per_type]
+        split["train"] += qs[test_per_type + dev_per_type:]
+    return split
+
+
+def stratified_take(questions, per_type: int):
+    """The first per_type questions of each type, interleaved type by type."""
+    by_type = {}
+    for q in questions:
+        by_type.setdefault((q.cluster, q.subtype), []).append(q)
+    types = [qs for _, qs in sorted(by_type.items(), key=lambda kv: str(kv[0]))]
+    return [qs[i] for i in range(per_type) for qs in types if i < len(qs)]
 
 
 def main():
     args = build_parser().parse_args()
-    check_args(args)
-    questions = common.load_questions(args.data)
-    if not args.include_controls:
-        questions = [q for q in questions if not q.meta.get("negative_control")]
-    split = split_questions(questions, args.dev_per_type, args.test_per_type, args.seed)
-    if not split["test"] or not split["dev"]:
-        raise common.UserError(f"{args.data}: no train/held-out split possible: a (cluster, sub-type) needs at least "
-                               f"{args.test_per_type + args.dev_per_type + 1} questions "
-                               f"(--test-per-type {args.test_per_type} + --dev-per-type {args.dev_per_type} + 1 to train)")
-    split["train"] = stratified_take(split["train"], args.train_per_type)
+    split = make_split(args)
     if args.out:   # a foreign memory file stops the run before anything is written
         for p in [Path(args.out) / "memory.json", *Path(args.out).glob("*/memory.json")]:
             if p.exists():
                 common.load_bank(p, MEMORY_KIND)
-    # --ablations may be added to a finished --compare: its grpo/sdpo/pmd runs are kept
     out = common.setup_run(args, "pmd_distill", may_differ=common.RESUME_MAY_DIFFER + ("ablations",))
     common.atomic_write_json(out / "split.json", {k: [q.id for q in v] for k, v in split.items()})
     print(f"run folder: {out}\ntrain {len(split['train'])}, dev {len(split['dev'])}, test {len(split['test'])} "
-          f"questions from {args.data}")
+          f"questions from {args.data}; feedback {args.feedback}")
     if not args.compare:
-        run_method(args, out, split)
+        train_and_evaluate(args, out, split)
         return
     runs = [(m, {"method": m}) for m in METHODS]
     if args.ablations:
         runs += [("pmd --freeze memory", {"method": "pmd", "freeze": "memory"}),
                  ("pmd --freeze policy", {"method": "pmd", "freeze": "policy"})]
         runs += [(f"pmd --levels {lv}", {"method": "pmd", "levels": lv}) for lv in LEVELS]
-    results = {}
     for name, over in runs:
-        sub = argparse.Namespace(**{**vars(args), **over, "compare": False})
-        d = out / name.replace(" --", "-").replace(" ", "-")
+        d = out / folder(name)
+        sub = argparse.Namespace(**{**vars(args), **over, "compare": False, "out": str(d)})
         d.mkdir(exist_ok=True)
         if not (d / "config.json").exists():
             common.atomic_write_json(d / "config.json", {"stage": "pmd_distill", **vars(sub)})
+        sub.base_file = str(out / "base.json")       # the starting model is evaluated once, for every method
         common.seed_everything(args.seed)
         print(f"\n==== {name} ====")
-        first = next(iter(results.values()), None)
-        shared = (first["base"]["per_question"], first["dev_curve"][0]) if first else None
-        results[name] = run_method(sub, d, split, start_evals=shared)
-    write_compare_report(out, results)
+        train_and_evaluate(sub, d, split)
+    write_compare_report(out, [n for n, _ in runs], args.seed)
     print(f"combined report: {out / 'report.md'}")
 
 

@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -109,8 +110,12 @@ def one_step(args) -> dict:
                 (pmd.grpo_loss(lp["logprobs"], lp["mask"], A[mb]) * (lp["mask"].sum() / n_active)).backward()
                 t["logprob_fwd_bwd"] += time.perf_counter() - ta
         else:
-            ctx = pmd.contexts(tok, qs, rewards, feedback, [s.text for s in roll], method, mem, pmd.LEVELS, 64)
-            rows = [i for i, c in enumerate(ctx) if c[0] is not None]
+            rolls = [common.Rollout(qs[i // G], s_ids[i], comp[i], s.text, rewards[i], feedback[i], s.logprobs)
+                     for i, s in enumerate(roll)]
+            cargs = SimpleNamespace(G=G, method=method, feedback="without-solution", levels=",".join(pmd.LEVELS),
+                                    memory_tokens=64, teacher_format="sdpo")
+            ctx = [c.prompt for c in pmd.teacher_contexts(cargs, tok, qs, rolls, mem, {})]
+            rows = [i for i, c in enumerate(ctx) if c is not None]
             n_active = sum(len(comp[i]) for i in rows)
             k = min(100, model.config.vocab_size)
             for s in range(0, len(rows), args.micro_batch):
@@ -121,7 +126,7 @@ def one_step(args) -> dict:
                 t["logprob_fwd_bwd"] += time.perf_counter() - ta
                 ta = time.perf_counter()
                 with torch.no_grad():
-                    te = common.token_logprobs(teacher, [common.encode(tok, ctx[i][0]) for i in mb], [comp[i] for i in mb],
+                    te = common.token_logprobs(teacher, [common.encode(tok, ctx[i]) for i in mb], [comp[i] for i in mb],
                                                temperature=T, pad_id=tok.pad_token_id, extra_ids=st["student_topk_ids"],
                                                share_prompts=share)
                 t["teacher_forward"] += time.perf_counter() - ta

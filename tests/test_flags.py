@@ -121,7 +121,7 @@ CASES = [
     ("pmd_distill.py", ["--eval-samples", "0"], "--eval-samples 0"),
     ("pmd_distill.py", ["--dev-samples", "0"], "--dev-samples 0"),
     ("pmd_distill.py", ["--save-every", "0"], "--save-every 0"),
-    ("pmd_distill.py", ["--pass-k", "16", "--eval-samples", "8"], "--pass-k 16: k larger than n"),
+    ("pmd_distill.py", ["--pass-k", "16", "--eval-samples", "2"], "--pass-k 16: k larger than n"),
     ("pmd_distill.py", ["--levels", "experience,wisdom"], "unknown level 'wisdom'"),
     ("pmd_distill.py", ["--freeze", "memory", "--method", "sdpo"], "--freeze memory: only with --method pmd"),
     ("pmd_distill.py", ["--freeze", "policy", "--method", "grpo"], "--freeze policy: only with --method pmd"),
