@@ -31,7 +31,7 @@ def choose(rows: list[dict]):
 
 
 def main():
-    argv = sys.argv[1:] + ["--select", "dev", "--no-controls", "--no-positive-control", "--force", "--steps", "12",
+    argv = sys.argv[1:] + ["--select", "dev", "--no-controls", "--no-positive-control", "--force", "--steps", "8",
                            "--canary-every", "4"]
     args = dream.build_parser().parse_args(argv)
     questions = common.load_questions(args.data)
