@@ -197,6 +197,8 @@ def resolve_lesson(args, questions):
                                f"(got {', '.join('--' + g.replace('_', '-') for g in given)})")
     if args.entry is not None and args.library is None:
         raise common.UserError("--entry needs --library")
+    if args.lesson is not None and not args.lesson.strip():
+        raise common.UserError("empty lesson (from --lesson)")
     cluster, subtype, lesson = args.cluster, args.subtype, args.lesson
     if cluster is None and args.entry is None:
         raise common.UserError("the lesson needs --cluster (and --subtype): the type to dream for")
@@ -823,8 +825,8 @@ def open_record(args, out, spec, split) -> dict:
 
 def main():
     args = build_parser().parse_args()
-    if args.resume and not args.out:
-        raise common.UserError("--resume needs --out pointing at the run to continue")
+    if args.resume and not (args.out and (Path(args.out) / "config.json").exists()):
+        raise common.UserError(f"--resume needs --out pointing at a run folder with config.json (got {args.out})")
     check_model_arg(args.model)
     questions = common.load_questions(args.data)
     spec = resolve_lesson(args, questions)                        # (lesson, cluster, subtype, source)
