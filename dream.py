@@ -24,7 +24,7 @@ are kept. Not built: --paraphrase (model-written rewrites of x').
 """
 import argparse
 import copy
-import importlib.util
+import importlib
 import json
 import math
 import random
@@ -108,8 +108,9 @@ def run_arm(run, name: str, method: str, lesson: str, reward: str) -> dict:
     restore(pol, run.theta0)                                   # every arm starts from the pre-dream weights
     pol.opt = common.make_optimizer(pol.params, args.optimizer, args.lr)
     T = teacher_target(run, lesson)                            # 1. p_T(a | x') from the teacher on x' + lesson
-    dev_target = dev_target_of(run, lesson) if args.select == "dev" else None   # the arm's OWN teacher
-    frozen = frozen_copy(pol.model) if method == "dream" and args.cd_coef > 0 else None
+    # --select dev: the label-free dev target is the arm's OWN teacher's majority (the placebo's for the placebo)
+    dev_target = [a for a, _ in teacher_target(run, lesson, "dev")["majority"]] if args.select == "dev" else None
+    frozen = copy.deepcopy(pol.model).requires_grad_(False) if method == "dream" and args.cd_coef > 0 else None
     order = schedule(args, len(run.x_prime))                   # the same x' at each step in every arm
     arm = {"arm": name, "method": method, "lesson": lesson, "reward": reward, "checks": {},
            "rolled_back": None, "dev_target": dev_target}
@@ -247,9 +248,7 @@ def permute_options(q: common.Question, perm: list[int], suffix: str) -> common.
 def fresh_instances(cluster: str, subtype: str | None, n: int, seed: int, avoid) -> list[common.Question]:
     """Up to n make_procedural.py questions of the type at other seeds whose text (common.text_key)
     is in neither `avoid` nor each other: new prompts, not reshuffled options. [] if not procedural."""
-    spec = importlib.util.spec_from_file_location("make_procedural", ROOT / "data" / "make_procedural.py")
-    mp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mp)
+    mp = importlib.import_module("data.make_procedural")
     seen, out = {common.text_key(q) for q in avoid}, []
     for k in range(1, 50):
         for row in mp.generate(max(16, n), seed=seed * 1000 + k):
@@ -322,10 +321,7 @@ class Run:
     teachers: dict = field(default_factory=dict)    # (what, lesson) -> teacher target, computed at theta0
     replay: tuple | None = None
     canary0: dict | None = None
-
-    @property
-    def x_prime(self):
-        return self.split["dream"] + self.split["permuted"] + self.split["fresh"]
+    x_prime: list = field(default_factory=list)     # the dream inputs: dream + permuted + fresh
 
 
 def load_run(args, out, split, lesson, ev) -> Run:
@@ -334,7 +330,7 @@ def load_run(args, out, split, lesson, ev) -> Run:
     pol = common.Policy(model, common.rollout_copy(model, args.rollout_dtype), tok, params,
                         common.make_optimizer(params, args.optimizer, args.lr))
     print(f"weights in {next(model.parameters()).dtype}, rollouts in {next(pol.rollout.parameters()).dtype}")
-    run = Run(args, out, pol, snapshot(model), split, lesson, ev)
+    run = Run(args, out, pol, snapshot(model), split, lesson, ev, x_prime=split["dream"] + split["permuted"] + split["fresh"])
     if split["replay"]:                    # the pre-dream model's samples and top-k on other types
         rp = [common.question_prompt(tok, q) for q in split["replay"]]
         rs = common.sample(pol.rollout, tok, rp, n=2, seed=common.stream_seed(args.seed, "replay"), **sampling(args))
@@ -414,28 +410,12 @@ def teacher_target(run, lesson: str, what: str = "x'") -> dict:
     return run.teachers[(what, lesson)]
 
 
-def dev_target_of(run, lesson: str) -> list:
-    """The label-free dev target of an arm: ITS teacher's majority on dev (the placebo's for the placebo)."""
-    return [a for a, _ in teacher_target(run, lesson, "dev")["majority"]]
-
-
-def frozen_copy(model):
-    teacher = copy.deepcopy(model).eval()          # the frozen pre-dream model, for the --cd-coef term
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
 def schedule(args, n: int) -> list[int]:
     """The x' of every step: shuffled passes over all inputs, one stream for every arm."""
     rng, order = random.Random(common.stream_seed(args.seed, "schedule")), []
     while len(order) < args.steps * args.batch_inputs:
         order += rng.sample(range(n), n)
     return order
-
-
-def label_of(q):
-    return q.answer if q.answer_type == "mcq" else answer_of(q, q.answer)
 
 
 def dream_step(run, T, xs, step, reward, frozen) -> dict:
@@ -446,9 +426,10 @@ def dream_step(run, T, xs, step, reward, frozen) -> dict:
     seed = common.stream_seed(args.seed, "rollout", step)
     roll = common.sample(pol.rollout, tok, prompts, n=N, seed=seed, progress="rollouts", **sampling(args))
     ans = [[answer_of(q, s.text) for s in roll[g * N:(g + 1) * N]] for g, q in enumerate(X)]
-    lab = np.array([rewards(a, {}, "verifier", [label_of(q)] * N) for a, q in zip(ans, X)])
+    y = [[q.answer if q.answer_type == "mcq" else answer_of(q, q.answer)] * N for q in X]   # labels: logged only,
+    lab = np.array([rewards(a, {}, "verifier", yq) for a, yq in zip(ans, y)])        # unless --reward verifier
     trusted = [reward == "verifier" or T["majority"][i][1] >= args.min_agreement for i in xs]
-    R = np.array([rewards(a, T["p_T"][i], reward, [label_of(q)] * N) * ok for a, q, i, ok in zip(ans, X, xs, trusted)])
+    R = np.array([rewards(a, T["p_T"][i], reward, yq) * ok for a, yq, i, ok in zip(ans, y, xs, trusted)])
     A, keep = group_advantages(R)                                                 # (G, N), (G,)
     maj = np.array([rewards(a, T["p_T"][i], "majority") for a, i in zip(ans, xs)])
     rec = {"inputs": [q.id for q in X], "rollout_seed": seed, "reward_mean": float(R.mean()),
@@ -593,13 +574,10 @@ def evaluate_after(run, arm: dict) -> dict:
     return arm
 
 
-def ratio(m):
-    return (m["ax"] - m["bx"]) / (m["bxr"] - m["bx"])
-
-
 def arm_stats(b: dict, a: dict, bs) -> dict:
     """Paired statistics of one arm against the pre-dream model; bs(arms, stat) is the bootstrap.
     IR (and IR_lp on the target's log-prob) only where the denominator's interval excludes 0."""
+    ratio = lambda m: (m["ax"] - m["bx"]) / (m["bxr"] - m["bx"])            # noqa: E731
     A = lambda k: np.array(a[k], float)                                     # noqa: E731
     B = lambda k: np.array(b[k], float)                                     # noqa: E731
     acc = {"bx": B("acc_x"), "bxr": B("acc_xr"), "ax": A("acc_x")}
@@ -729,21 +707,26 @@ def report_arms(ev) -> list:
 
 
 def report_steps(metrics) -> list:
-    steps = [m for m in metrics if m.get("phase") == "step"]
-    fmt = lambda m, k, p=".2f": "-" if m.get(k) is None else format(m[k], p)   # noqa: E731
-    lines = ["## Per step", ""] + common.md_table(
-        ["arm", "step", "reward mean (std)", "skipped groups", "teacher majority share", "label acc", "reward acc",
-         "loss", "grad norm", "||delta theta||"],
-        [[m["arm"], m["step"], f"{fmt(m, 'reward_mean')} ({fmt(m, 'reward_std')})", m.get("skipped_groups", "-"),
-          fmt(m, "teacher_majority_ratio"), fmt(m, "label_accuracy") if "label_accuracy" in m else
-          fmt(m, "teacher_label_accuracy"), fmt(m, "reward_accuracy"), fmt(m, "loss", ".3f"), fmt(m, "grad_norm"),
-          "-" if not m.get("weight_change") else f"{m['weight_change']['norm']:.2g}"] for m in steps])
-    checks = [m for m in metrics if m.get("phase") == "check"]
-    lines += ["", "Label acc of a distill step is the teacher samples' accuracy; reward acc: how often the majority "
-              "reward equals the true one (TTRL).", "", "## Checks", ""] + common.md_table(
-        ["arm", "step", "canary", "dev agreement (own teacher)", "KL(pre-dream || student) per token"],
-        [[m["arm"], m["step"], fmt(m, "canary_mean"), fmt(m, "dev_agreement"), fmt(m, "kl_replay", ".4f")] for m in checks])
-    return lines + ["", "Per-question arrays: eval.json; per step: metrics.jsonl; the split: split.json."]
+    """Per arm, over its steps: what the update saw (reward, skipped groups, labels) and did."""
+    rows = []
+    for arm in dict.fromkeys(m["arm"] for m in metrics if m.get("phase") == "step"):
+        st = [m for m in metrics if m.get("phase") == "step" and m["arm"] == arm]
+        ck = [m for m in metrics if m.get("phase") == "check" and m["arm"] == arm]
+        mean = lambda k, p=".2f": "-" if all(m.get(k) is None for m in st) else format(   # noqa: E731
+            np.mean([m[k] for m in st if m.get(k) is not None]), p)
+        rows.append([arm, len(st), " ".join(f"{m['reward_mean']:.2f}" for m in st if "reward_mean" in m) or "-",
+                     sum(m.get("skipped_groups", 0) for m in st), mean("teacher_majority_ratio"),
+                     mean("label_accuracy") if "label_accuracy" in st[0] else mean("teacher_label_accuracy"),
+                     mean("reward_accuracy"), mean("grad_norm"), f"{sum(m.get('weight_change', {}).get('norm', 0) for m in st):.3g}",
+                     " ".join("-" if m["canary_mean"] is None else f"{m['canary_mean']:.2f}" for m in ck),
+                     " ".join("-" if m["dev_agreement"] is None else f"{m['dev_agreement']:.2f}" for m in ck),
+                     "-" if ck[-1]["kl_replay"] is None else f"{ck[-1]['kl_replay']:.4f}"])
+    return ["## Training, per arm", ""] + common.md_table(
+        ["arm", "steps", "reward mean per step", "skipped groups", "teacher majority share", "label acc",
+         "reward acc (TTRL)", "grad norm", "summed ||delta theta||", "canary per check", "dev agreement per check",
+         "KL(pre-dream || student), last"], rows) + [
+        "", "Label acc of a distill arm is its teacher samples' accuracy; reward acc: how often the majority reward "
+        "equals the true one. Per step and per question: metrics.jsonl, eval.json; the split: split.json."]
 
 
 # ----------------------------------------------------------------------------

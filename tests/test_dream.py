@@ -389,7 +389,7 @@ def test_each_arm_is_selected_on_its_own_teachers_dev_target(tiny_files, tmp_pat
     placebo = split["placebo"]
     arm = d.run_arm(run, "placebo", "dream", placebo, "teacher")
     assert ("dev-teacher", placebo) in asked and ("dev-teacher", run.lesson) not in asked
-    assert arm["dev_target"] == d.dev_target_of(run, placebo)
+    assert arm["dev_target"] == [a for a, _ in d.teacher_target(run, placebo, "dev")["majority"]]
 
 
 def test_forced_run_pairs_the_arms_and_stores_per_question_arrays(tiny_files, tmp_path, monkeypatch):
