@@ -15,14 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 import dream  # noqa: E402
 
-GRID = [("adamw", 1e-6), ("adamw", 1e-5), ("sgd", 1e-2)]
-FALLBACK = ("adamw", 1e-6, 8)
+GRID = [("adamw", 1e-6), ("sgd", 1e-2)]
+FALLBACK = ("adamw", 1e-6, 6)
 TIE = 0.05
 
 
 def choose(rows: list[dict]):
     """RULE.md: the highest dev gain among canary-ok rows; ties within TIE to fewer steps, then the
-    smaller summed ||delta theta||, then grid order; nothing above 0 -> FALLBACK."""
+    smaller ||theta - theta0||, then grid order; nothing above 0 -> FALLBACK."""
     ok = [r for r in rows if r["canary_ok"] and r["step"] > 0]
     if not ok or max(r["gain"] for r in ok) <= 0:
         return None
@@ -31,8 +31,8 @@ def choose(rows: list[dict]):
 
 
 def main():
-    argv = sys.argv[1:] + ["--select", "dev", "--no-controls", "--no-positive-control", "--force", "--steps", "8",
-                           "--canary-every", "4"]
+    argv = sys.argv[1:] + ["--select", "final", "--no-controls", "--no-positive-control", "--force", "--steps", "6",
+                           "--canary-every", "3"]
     args = dream.build_parser().parse_args(argv)
     questions = common.load_questions(args.data)
     spec = dream.resolve_lesson(args, questions)
@@ -53,7 +53,7 @@ def main():
         steps = [m for m in common.read_metrics(out) if m.get("phase") == "step" and m["arm"] == arm["arm"]]
         d0 = arm["checks"][0]["dev_agreement"]
         for s, c in sorted(arm["checks"].items()):
-            moved = sum(m.get("weight_change", {}).get("norm", 0.0) for m in steps if m["step"] <= s)
+            moved = c["distance_theta0"]
             rows.append({"grid": g, "optimizer": opt, "lr": lr, "step": s, "dev_agreement": c["dev_agreement"],
                          "gain": c["dev_agreement"] - d0, "canary": c["canary_mean"], "moved": moved,
                          "canary_ok": c["canary_mean"] is None or run.canary0 is None
@@ -66,7 +66,7 @@ def main():
                                                         "dev": [q.id for q in split["dev"]]})
     lines = ["# dream.py calibration (dev only; rule: RULE.md)", "", f"Lesson: {spec[0]!r}", ""]
     lines += common.md_table(["optimizer", "lr", "step", "dev agreement", "gain over step 0", "canary", "canary ok",
-                              "summed ||delta theta||", "s/step (under load)"],
+                              "||theta - theta0||", "s/step (under load)"],
                              [[r["optimizer"], f"{r['lr']:g}", r["step"], f"{r['dev_agreement']:.2f}", f"{r['gain']:+.2f}",
                                "-" if r["canary"] is None else f"{r['canary']:.2f}", r["canary_ok"], f"{r['moved']:.3g}",
                                f"{r['step_time']:.1f}"] for r in rows])

@@ -367,7 +367,9 @@ def test_run_arm_own_update_moves_the_weights_and_dev_selection_can_undo_it(tiny
     moved = [k for k, v in run.policy.model.state_dict().items() if not torch.equal(theta0[k], v)]
     assert arm["selected_step"] == 2 and moved
     steps = [m for m in common.read_metrics(run.out) if m.get("phase") == "step"]
-    assert [m["step"] for m in steps] == [1, 2] and all(m["updated"] and m["weight_change"]["norm"] > 0 for m in steps)
+    assert [m["step"] for m in steps] == [1, 2] and all(m["updated"] and m["grad_norm"] > 0 for m in steps)
+    checks = [m for m in common.read_metrics(run.out) if m.get("phase") == "check"]
+    assert checks[0]["distance_theta0"] == 0 and all(m["distance_theta0"] > 0 for m in checks[1:])
     assert run.policy.rollout is run.policy.model
     run.args.select = "dev"
     arm = d.run_arm(run, "distill", "distill", run.lesson, "teacher")
