@@ -663,15 +663,16 @@ def write_report(out) -> None:
              f"Inputs, disjoint by text (normalised question + cue): {n['dream']} dream questions + {n['permuted']} "
              f"option-permuted copies + {n['fresh']} fresh instances; {n['dev']} dev, {n['eval']} held-out evaluation "
              f"questions ({cfg['eval_samples']} samples each); canary {n['canary']} questions of other clusters.",
-             f"{split['eval_cues_dreamt']} of {n['eval']} evaluation questions ask a fact a dream input also asks "
-             "(the same cue in another wording)" + (": evaluation is on the same facts in new surface forms, "
-                                                    "not on new facts." if split["eval_cues_dreamt"] else "."), "",
+             f"{split['eval_cues_dreamt']} of {n['eval']} evaluation questions ask a fact a dream input also asks (the "
+             "same cue in another wording): on those, evaluation is on the same facts in new surface forms, not on new "
+             "facts; the others ask facts no dream input asks.", "",
              f"{cfg['steps']} steps x {cfg['batch_inputs']} inputs, N={cfg['N']}, k={cfg['teacher_samples']} teacher "
              f"samples, {cfg['optimizer']} lr {cfg['lr']:g}, cd-coef {cfg['cd_coef']:g}, kl {cfg['kl']:g}; {sel}. "
              "Every arm: the same inputs, schedule and rollout seeds. Intervals: 95% paired bootstrap "
              "(questions, then samples; none under 5 questions).", "",
              f"Gate (dev, acc(x+r) - acc(x)): {f(ev['gate']['effect'])}"
-             + ("" if ev["gate"]["passed"] else " -- no effect; dreamt because of --force"), ""]
+             + ("" if ev["gate"]["passed"] else " -- its interval reaches 0" + ("; dreamt because of --force" if
+                                                                               ev["gate"]["forced"] else "")), ""]
     if "before" not in ev:
         return common.write_report(out, lines + ["Gate: nothing to internalise; stopped (`--force` dreams anyway)."])
     st0 = next(iter(ev["arms"].values()))["stats"] if ev["arms"] else {}
