@@ -61,9 +61,8 @@ DEFAULT_PRESET = "paper"
 
 
 def introspection_span(text: str) -> tuple[int, int] | None:
-    """The character span of a rollout's closed introspection, from its opening tag to the end of
-    its closing tag (a tag opened twice counts from the last opening); None if there is none. This
-    one span defines both the lesson that is scored and the tokens that are trained."""
+    """The span from the (last) opening tag to the end of the first closing tag, or None: the one
+    span that defines both the lesson scored and the tokens trained."""
     close = text.find(CLOSE)
     start = text.rfind(OPEN, 0, close) if close >= 0 else -1
     return None if start < 0 else (start, close + len(CLOSE))
@@ -73,8 +72,7 @@ def extract_introspection(tok, ids: list[int]) -> str | None:
     """The lesson of a rollout (its completion ids): the text inside its closed introspection, or None."""
     text = tok.decode(ids, skip_special_tokens=True)
     span = introspection_span(text)
-    body = text[span[0] + len(OPEN):span[1] - len(CLOSE)].strip() if span else ""
-    return body or None
+    return (text[span[0] + len(OPEN):span[1] - len(CLOSE)].strip() if span else "") or None
 
 
 def introspection_mask(tok, ids: list[int]) -> list[bool]:
@@ -96,15 +94,13 @@ def paired_advantage(with_r, base) -> dict:
     both arms on one Q' shared its random numbers). Interval: Newcombe's paired-binary one over
     the M pairs on one Q', a bootstrap clustered by Q' on several. lo_pairs: Newcombe's over all
     K*M pairs (what --gate lower uses below MIN_CLUSTERS Q'). Also the unpaired variance."""
-    w = [np.asarray(x, float).ravel() for x in with_r]
-    b = [np.asarray(x, float).ravel() for x in base]
+    w, b = [np.asarray(x, float).ravel() for x in with_r], [np.asarray(x, float).ravel() for x in base]
     W, Bs = np.concatenate(w), np.concatenate(b)
-    pairs = common.paired_binary_ci(W, Bs)
+    pairs, n = common.paired_binary_ci(W, Bs), len(W)
     ci = pairs if len(w) == 1 else common.cluster_bootstrap_ci([x - y for x, y in zip(w, b)], seed=0)
-    n, D = len(W), W - Bs
-    var_paired = D.var(ddof=1) / n if n > 1 else float("nan")
-    var_unpaired = (W.var(ddof=1) + Bs.var(ddof=1)) / n if n > 1 else float("nan")
-    return {**ci, "lo_pairs": pairs["lo"], "var_paired": var_paired, "var_unpaired": var_unpaired, "diffs": D}
+    var = lambda f: f() / n if n > 1 else float("nan")
+    return {**ci, "lo_pairs": pairs["lo"], "var_paired": var(lambda: (W - Bs).var(ddof=1)),
+            "var_unpaired": var(lambda: W.var(ddof=1) + Bs.var(ddof=1)), "diffs": W - Bs}
 
 
 def pooled_advantage(advs: list[dict]) -> dict:
@@ -118,7 +114,7 @@ def passes_gate(a: dict, gate: str) -> bool:
     """--gate mean: A_intro's mean > 0 (the paper). --gate lower: its 95% lower bound > 0, the bound
     over Q' clusters when there are MIN_CLUSTERS of them, else Newcombe's over the K*M pairs; an
     interval that could not be formed (nan) never passes; one pair of +1 gives lo = -0.12, two +0.07."""
-    if gate == "mean":
+    if gate == "mean":      # the paper
         return a["mean"] > 0
     lo = a["lo"] if a.get("n_clusters", common.MIN_CLUSTERS) >= common.MIN_CLUSTERS else a["lo_pairs"]
     return bool(np.isfinite(lo) and lo > 0)
@@ -191,7 +187,7 @@ def resume_library(out, start):
 def check_canary(args, policy, canary, rec, canary0):
     """Accuracy on held-out questions without introspection (the paper's collapse to "N/A"), with the
     same row seeds at every check, so a change is the model's, not the noise's."""
-    if not canary:
+    if not canary:          # a type without a dev fact has no canary question
         return canary0
     res = score_lessons(policy.rollout, policy.tok, [(q, []) for q in canary], args.canary_samples,
                         args.temperature, args.seed, "canary", (), args.answer_tokens, progress="canary")
@@ -210,11 +206,8 @@ def score_lessons(model, tok, pairs, M, temperature, seed, stream, key, max_new_
     prompts = [common.question_prompt(tok, q, lesson=r) for q, lessons in pairs for r in [None] + lessons]
     rewards = common.score(model, tok, qs, prompts, M, seed, stream, key, max_new_tokens=max_new_tokens,
                            temperature=temperature, stop=ANSWER_STOP, progress=progress).rewards   # (P, M)
-    out, k = [], 0
-    for q, lessons in pairs:
-        out.append((rewards[k], list(rewards[k + 1:k + 1 + len(lessons)])))
-        k += 1 + len(lessons)
-    return out
+    starts = np.cumsum([0] + [1 + len(lessons) for _, lessons in pairs])
+    return [(rewards[k], list(rewards[k + 1:k + 1 + len(ls)])) for k, (_, ls) in zip(starts, pairs)]
 
 
 def correction_prompt(tok, prompt: str, text: str) -> str:
@@ -261,8 +254,7 @@ def introspections(tok, rollouts, max_intros, rec):
     intros = [(i, extract_introspection(tok, r.completion_ids)) for i, r in enumerate(rollouts)]
     wrote = [i for i, r in intros if r is not None]
     rec["introspected"] = len(wrote) / len(rollouts)
-    rec["intro_tokens"] = float(np.mean([sum(introspection_mask(tok, rollouts[i].completion_ids))
-                                         for i in wrote])) if wrote else 0.0
+    rec["intro_tokens"] = float(np.mean([sum(introspection_mask(tok, rollouts[i].completion_ids)) for i in wrote] or [0]))
     return [(i, r) for i, r in intros if r is not None and rollouts[i].reward == 1][:max_intros]
 
 
@@ -271,7 +263,7 @@ def answer_text(q) -> str:
     return q.choices[common.LETTERS.index(q.answer)] if q.choices else q.answer
 
 
-def mentions(text: str, words: str) -> bool:
+def mentions(text: str, words: str) -> bool:     # as whole words, any case
     return re.search(rf"\b{re.escape(words)}\b", text, re.I) is not None
 
 
@@ -310,13 +302,11 @@ def transfer(args, policy, Q, Q_prime, lessons, step, rec):
         return [], []
     res = score_lessons(policy.rollout, policy.tok, [(q, scored) for q in Q_prime + [Q]], args.M, args.temperature,
                         args.seed, "transfer", (step,), args.answer_tokens, progress="transfer rollouts")
-    K = len(Q_prime)
-    both = [paired_advantage([res[j][1][k] for j in range(K)], [res[j][0] for j in range(K)]) for k in range(len(scored))]
+    both = [paired_advantage([w[k] for _, w in res[:-1]], [b for b, _ in res[:-1]]) for k in range(len(scored))]
     both_val = [paired_advantage([res[-1][1][k]], [res[-1][0]]) for k in range(len(scored))]
-    drop = ("diffs", "var_paired", "var_unpaired")
+    keep = lambda a: {k: v for k, v in a.items() if k not in ("diffs", "var_paired", "var_unpaired")}
     if oracle:
-        rec["A_oracle"] = {**{k: v for k, v in both[-1].items() if k not in drop}, "diffs": both[-1]["diffs"].tolist()}
-        rec["val_oracle"] = {k: v for k, v in both_val[-1].items() if k not in drop}
+        rec["A_oracle"], rec["val_oracle"] = {**keep(both[-1]), "diffs": both[-1]["diffs"].tolist()}, keep(both_val[-1])
     # how much pairing cuts the variance of the estimate, over every lesson scored (oracle too)
     rec["var_paired"] = float(np.nansum([a["var_paired"] for a in both]))
     rec["var_unpaired"] = float(np.nansum([a["var_unpaired"] for a in both]))
@@ -337,8 +327,7 @@ def update(args, policy, rollouts, advantages) -> dict:
     adv = torch.tensor([max(a, 0.0) for a in advantages], device=policy.device)    # clamp(A_intro, min=0)
     loss = pg_loss(lp["logprobs"], mask, adv)
     # how far the rollout policy (a bf16 copy) is from the trained one, on the trained tokens
-    rec = {"loss": float(loss.detach()),
-           "logprob_mismatch": common.logprob_mismatch([r.logprobs for r in rollouts], lp["logprobs"], mask)}
+    rec = {"loss": float(loss.detach()), "logprob_mismatch": common.logprob_mismatch([r.logprobs for r in rollouts], lp["logprobs"], mask)}
     if not torch.isfinite(loss):
         policy.opt.zero_grad(set_to_none=True)
         rec["skipped"] = f"non-finite loss {float(loss)}"
@@ -418,13 +407,16 @@ def lesson_values(args, policy, qs, pool, lessons) -> list:
 
 def wrong_lesson(q, qs) -> str | None:
     """q's lesson with its right answer swapped for a wrong option it also names ("red means stop,
-    green means go"): the same words, the wrong fact. Else another type's lesson; else None."""
-    right = answer_text(q)
-    for w in [c for c in (q.choices or []) if c != right]:
-        if mentions(q.lesson, w) and mentions(q.lesson, right):
-            swap = {right.lower(): w, w.lower(): right}
-            return re.sub(rf"\b({re.escape(right)}|{re.escape(w)})\b", lambda m: swap[m.group(1).lower()], q.lesson, flags=re.I)
-    return next((x.lesson for x in qs if x.lesson and (x.cluster, x.subtype) != (q.cluster, q.subtype)), None)
+    green means go"): the same words, the wrong fact. Else an unrelated type's lesson; else None."""
+    for w in [c.split() for c in (q.choices or []) if c != answer_text(q)]:
+        r = answer_text(q).split()
+        while r and w and r[-1] == w[-1]:           # "go on Bel" vs "turn left on Bel": swap go / turn left
+            r, w = r[:-1], w[:-1]
+        r, w = " ".join(r), " ".join(w)
+        if r and w and mentions(q.lesson, w) and mentions(q.lesson, r):
+            swap = {r.lower(): w, w.lower(): r}
+            return re.sub(rf"\b({re.escape(r)}|{re.escape(w)})\b", lambda m: swap[m.group(1).lower()], q.lesson, flags=re.I)
+    return next((x.lesson for x in qs if x.lesson and x.lesson not in q.lesson and q.lesson not in x.lesson), None)
 
 
 @torch.no_grad()
