@@ -69,6 +69,7 @@ def main():
             cmd = [sys.executable, "grpo_introspect.py", "--model", "gemma", "--preset", preset, "--eval-on", "dev",
                    "--steps", str(a.steps), "--out", str(d), *a.extra.split()] + (["--resume"] if (d / "config.json").exists() else [])
             print(" ".join(cmd), flush=True)
+            d.parent.mkdir(parents=True, exist_ok=True)
             subprocess.run(["/usr/bin/time", "-v", "-o", str(d.parent / f"{preset}.time.txt")] + cmd, check=True)
             shutil.move(str(d.parent / f"{preset}.time.txt"), d / "time.txt")
         metrics = common.read_metrics(d)
