@@ -59,7 +59,6 @@ DEFAULT_PRESET = "paper"
 # ----------------------------------------------------------------------------
 # the maths
 
-
 def introspection_span(text: str) -> tuple[int, int] | None:
     """The span from the (last) opening tag to the end of the first closing tag, or None: the one
     span that defines both the lesson scored and the tokens trained."""
@@ -67,13 +66,11 @@ def introspection_span(text: str) -> tuple[int, int] | None:
     start = text.rfind(OPEN, 0, close) if close >= 0 else -1
     return None if start < 0 else (start, close + len(CLOSE))
 
-
 def extract_introspection(tok, ids: list[int]) -> str | None:
     """The lesson of a rollout (its completion ids): the text inside its closed introspection, or None."""
     text = tok.decode(ids, skip_special_tokens=True)
     span = introspection_span(text)
     return (text[span[0] + len(OPEN):span[1] - len(CLOSE)].strip() if span else "") or None
-
 
 def introspection_mask(tok, ids: list[int]) -> list[bool]:
     """True on the completion tokens whose characters overlap the introspection span. Both tags are
@@ -88,7 +85,6 @@ def introspection_mask(tok, ids: list[int]) -> list[bool]:
         ends.append(e)
     return [st < span[1] and en > span[0] for st, en in zip([0] + ends[:-1], ends)]
 
-
 def paired_advantage(with_r, base) -> dict:
     """A = R_bar(Q' + r) - R_bar(Q') for one lesson; with_r, base: one 0/1 array per Q' (row j of
     both arms on one Q' shared its random numbers). Interval: Newcombe's paired-binary one over
@@ -102,13 +98,11 @@ def paired_advantage(with_r, base) -> dict:
     return {**ci, "lo_pairs": pairs["lo"], "var_paired": var(lambda: (W - Bs).var(ddof=1)),
             "var_unpaired": var(lambda: W.var(ddof=1) + Bs.var(ddof=1)), "diffs": W - Bs}
 
-
 def pooled_advantage(advs: list[dict]) -> dict:
     """The mean over every paired difference of a step's lessons, bootstrapped by baseline row: the
     lessons on one Q' share its M baseline rows and their random numbers."""
     D = np.stack([a["diffs"] for a in advs])                     # (lessons, K*M)
     return common.cluster_bootstrap_ci([D[:, j] for j in range(D.shape[1])], seed=0)
-
 
 def passes_gate(a: dict, gate: str) -> bool:
     """--gate mean: A_intro's mean > 0 (the paper). --gate lower: its 95% lower bound > 0, the bound
@@ -119,9 +113,7 @@ def passes_gate(a: dict, gate: str) -> bool:
     lo = a["lo"] if a.get("n_clusters", common.MIN_CLUSTERS) >= common.MIN_CLUSTERS else a["lo_pairs"]
     return bool(np.isfinite(lo) and lo > 0)
 
-
 pg_loss = common.pg_loss     # -sum_i A_i sum_t log pi(y_it) / number of trained tokens (token-mean)
-
 
 def canary_alarm(c: dict, c0: dict) -> bool:
     """Alarm when the canary's whole interval lies below the run's first canary accuracy."""
@@ -130,7 +122,6 @@ def canary_alarm(c: dict, c0: dict) -> bool:
 
 # ----------------------------------------------------------------------------
 # train
-
 
 def train(args, out, split) -> common.Policy:
     """The paper's loop: per step, rollouts on Q, introspections, transfer, A_intro, update. The
@@ -172,17 +163,13 @@ def train(args, out, split) -> common.Policy:
 # ----------------------------------------------------------------------------
 # the pieces, in the order train() calls them
 
-
 def resume_library(out, start):
     """The library without the introspections of steps past the checkpoint (they are redone)."""
     library = common.load_bank(out / "library.json", "introspection-library")
-    n = len(library["entries"])
-    library["entries"] = [e for e in library["entries"] if e["step"] < start]
+    n, library["entries"] = len(library["entries"]), [e for e in library["entries"] if e["step"] < start]
     common.save_bank(out / "library.json", library)
-    print(f"resuming {out} at step {start} ({len(library['entries'])} introspections in the library, "
-          f"{n - len(library['entries'])} past the checkpoint dropped and redone)")
+    print(f"resuming {out} at step {start} ({len(library['entries'])} introspections kept, {n - len(library['entries'])} redone)")
     return library
-
 
 def check_canary(args, policy, canary, rec, canary0):
     """Accuracy on held-out questions without introspection (the paper's collapse to "N/A"), with the
@@ -198,7 +185,6 @@ def check_canary(args, policy, canary, rec, canary0):
         tqdm.write(f"ALARM step {rec['step']}: canary accuracy {common.fmt_ci(c, False)} fell below its start {canary0['mean']:.2f}")
     return canary0
 
-
 def score_lessons(model, tok, pairs, M, temperature, seed, stream, key, max_new_tokens, progress=None):
     """pairs: (question, [lesson, ...]). M baseline rows and M rows per lesson on each question, in
     one sampler call, paired by common.score's row-seed rule. Per pair: (base (M,), [with r (M,)])."""
@@ -209,7 +195,6 @@ def score_lessons(model, tok, pairs, M, temperature, seed, stream, key, max_new_
     starts = np.cumsum([0] + [1 + len(lessons) for _, lessons in pairs])
     return [(rewards[k], list(rewards[k + 1:k + 1 + len(ls)])) for k, (_, ls) in zip(starts, pairs)]
 
-
 def correction_prompt(tok, prompt: str, text: str) -> str:
     """prompt + a wrong answer + "wrong, try again": plain text for a base model; under a chat
     template the answer closes the assistant turn and the retry request is a new user turn."""
@@ -219,7 +204,6 @@ def correction_prompt(tok, prompt: str, text: str) -> str:
     first = [{"role": "user", "content": "Q"}]
     retry = first + [{"role": "assistant", "content": text}, {"role": "user", "content": CORRECTION_TURN}]
     return prompt + turns(retry)[len(turns(first)):]
-
 
 def rollouts_on_Q(args, policy, Q, step, rec):
     """N rollouts on Q on their own seed stream, then --correction-turns retries of the wrong ones.
@@ -242,12 +226,10 @@ def rollouts_on_Q(args, policy, Q, step, rec):
         for i, p_i, s in zip(wrong, retry, again):
             prompts[i], samples[i], turns[i], rewards[i] = p_i, s, turn, common.verify(Q, s.text)[0]
     if args.correction_turns:
-        rec["correct_by_turn"] = [sum(1 for i in range(args.N) if turns[i] == t and rewards[i] == 1)
-                                  for t in range(args.correction_turns + 1)]
+        rec["correct_by_turn"] = [sum(t == u and r == 1 for u, r in zip(turns, rewards)) for t in range(args.correction_turns + 1)]
     rec["accuracy_Q"] = common.mean_ci(rewards, binary=True)
     return [common.Rollout(Q, common.encode(tok, p), s.token_ids, s.text, r, "", s.logprobs)
             for p, s, r in zip(prompts, samples, rewards)], turns
-
 
 def introspections(tok, rollouts, max_intros, rec):
     """(rollout index, lesson) of correct rollouts that wrote a closed introspection, at most max_intros."""
@@ -257,29 +239,24 @@ def introspections(tok, rollouts, max_intros, rec):
     rec["intro_tokens"] = float(np.mean([sum(introspection_mask(tok, rollouts[i].completion_ids)) for i in wrote] or [0]))
     return [(i, r) for i, r in intros if r is not None and rollouts[i].reward == 1][:max_intros]
 
-
 def answer_text(q) -> str:
     """The words of q's right answer: the right option's text, or the answer itself."""
     return q.choices[common.LETTERS.index(q.answer)] if q.choices else q.answer
 
-
 def mentions(text: str, words: str) -> bool:     # as whole words, any case
     return re.search(rf"\b{re.escape(words)}\b", text, re.I) is not None
 
-
 def same_fact(q, x) -> bool:
     """x asks q's fact: the same cue stem ("In Brill, tesk means"), or the same type and answer words."""
-    same_cue = bool(q.cue and x.cue) and common.normalise_text(q.cue) == common.normalise_text(x.cue)
-    return same_cue or ((x.cluster, x.subtype) == (q.cluster, q.subtype) and
-                        common.normalise_text(answer_text(x)) == common.normalise_text(answer_text(q)))
-
+    norm = common.normalise_text
+    return (bool(q.cue and x.cue) and norm(q.cue) == norm(x.cue)) or (
+        (x.cluster, x.subtype) == (q.cluster, q.subtype) and norm(answer_text(x)) == norm(answer_text(q)))
 
 def transfer_pool(questions, q, by):
     """Q' candidates: another text (text_key; another id of Q's text is Q) of Q's sub-type, cluster or fact."""
     ok = {"subtype": lambda x: (x.cluster, x.subtype) == (q.cluster, q.subtype),
           "cluster": lambda x: x.cluster == q.cluster, "fact": lambda x: same_fact(q, x)}[by]
     return [x for x in questions if ok(x) and common.text_key(x) != common.text_key(q)]
-
 
 def pick_Q_prime(args, pool, Q, step):
     """K questions Q' from transfer_pool on the "pick-Q'" stream, one per distinct text before repeating."""
@@ -290,7 +267,6 @@ def pick_Q_prime(args, pool, Q, step):
     random.Random(common.stream_seed(args.seed, "pick-Q'", step)).shuffle(texts)
     deep = max((len(g) for g in groups.values()), default=0)
     return [groups[t][i] for i in range(deep) for t in texts if i < len(groups[t])][:args.transfer_questions]
-
 
 def transfer(args, policy, Q, Q_prime, lessons, step, rec):
     """A_intro of each lesson on the K questions Q' and its validation on Q, paired, on the
@@ -308,13 +284,11 @@ def transfer(args, policy, Q, Q_prime, lessons, step, rec):
     if oracle:
         rec["A_oracle"], rec["val_oracle"] = {**keep(both[-1]), "diffs": both[-1]["diffs"].tolist()}, keep(both_val[-1])
     # how much pairing cuts the variance of the estimate, over every lesson scored (oracle too)
-    rec["var_paired"] = float(np.nansum([a["var_paired"] for a in both]))
-    rec["var_unpaired"] = float(np.nansum([a["var_unpaired"] for a in both]))
+    rec.update({v: float(np.nansum([a[v] for a in both])) for v in ("var_paired", "var_unpaired")})
     A, val = both[:len(lessons)], both_val[:len(lessons)]
     if A:
         rec["A_intro"], rec["validation"] = pooled_advantage(A), pooled_advantage(val)
     return A, val
-
 
 def update(args, policy, rollouts, advantages) -> dict:
     """The policy gradient on the introspection tokens of the rollouts whose lesson passed the gate."""
@@ -340,7 +314,6 @@ def update(args, policy, rollouts, advantages) -> dict:
         tqdm.write(f"step: {rec['skipped']}, update skipped")
     return rec
 
-
 def record_library(library, out, Q, Q_prime, step, cands, A, val, turns, updated):
     for (i, r), a, v in zip(cands, A, val):
         library["entries"].append({
@@ -354,7 +327,6 @@ def record_library(library, out, Q, Q_prime, step, cands, A, val, turns, updated
 
 # ----------------------------------------------------------------------------
 # evaluation
-
 
 def evaluate(args, policy, split, out, when) -> dict:
     """The policy before its first step (when="before") and after its last ("after"), on held-out
@@ -372,7 +344,6 @@ def evaluate(args, policy, split, out, when) -> dict:
     common.atomic_write_json(path, ev)
     return ev
 
-
 def snapshot(args, policy, qs, pool) -> dict:
     """Per held-out question (row) and sample (column): did the rollout open the tag, close it, state
     the fact asked (its answer words appear in the lesson); A of its lesson on a same-fact Q'; and
@@ -389,7 +360,6 @@ def snapshot(args, policy, qs, pool) -> dict:
             "fact": [[float(r is not None and mentions(r, answer_text(q))) for r in row] for q, row in zip(qs, lessons)],
             "A": lesson_values(args, policy, qs, pool, lessons), "gap": lesson_gap(policy, qs)}
 
-
 def lesson_values(args, policy, qs, pool, lessons) -> list:
     """A = R_bar(Q' + r) - R_bar(Q') of each sample's lesson r on the first held-out Q' of another
     text that asks the same fact, M paired rows per arm ("eval" stream, key 1); 0 for a sample that
@@ -404,7 +374,6 @@ def lesson_values(args, policy, qs, pool, lessons) -> list:
         A[i] = [float(np.mean(next(it) - base)) if r else 0.0 for r in lessons[i]]
     return A
 
-
 def wrong_lesson(q, qs) -> str | None:
     """q's lesson with its right answer swapped for a wrong option it also names ("red means stop,
     green means go"): the same words, the wrong fact. Else an unrelated type's lesson; else None."""
@@ -417,7 +386,6 @@ def wrong_lesson(q, qs) -> str | None:
             swap = {r.lower(): w, w.lower(): r}
             return re.sub(rf"\b({re.escape(r)}|{re.escape(w)})\b", lambda m: swap[m.group(1).lower()], q.lesson, flags=re.I)
     return next((x.lesson for x in qs if x.lesson and x.lesson not in q.lesson and q.lesson not in x.lesson), None)
-
 
 @torch.no_grad()
 def lesson_gap(policy, qs) -> list:
@@ -441,7 +409,6 @@ MEASURES = [("introspection rate", "opened", None), ("closed the tag (share of o
             ("stated the fact asked (share of closed)", "fact", "closed"), ("A_intro on a same-fact Q'", "A", None),
             ("log-prob gap, type's lesson - wrong lesson (nats)", "gap", None), ("accuracy on the question", "accuracy", None)]
 
-
 def changes(b, a, seed) -> dict:
     """Each measure before, after, and after - before, with paired_bootstrap intervals: questions,
     then samples, resampled with the same indices at both times. Rows missing at either time
@@ -460,7 +427,6 @@ def changes(b, a, seed) -> dict:
                          "after": common.paired_bootstrap(arms, lambda m: level(m, "1"), seed),
                          "change": common.paired_bootstrap(arms, lambda m: level(m, "1") - level(m, "0"), seed)}
     return out
-
 
 def transfer_matrix(args, policy, split, library) -> dict:
     """The best lesson of each type (by A_intro's lower bound) scored on one held-out question of
@@ -484,7 +450,6 @@ def transfer_matrix(args, policy, split, library) -> dict:
 # ----------------------------------------------------------------------------
 # report
 
-
 def by_step(entries, key):
     """Per-step groups of one value per introspection: lessons of one step share Q', its baseline
     rows and their random numbers, so the step (not the lesson) is the independent unit."""
@@ -493,7 +458,6 @@ def by_step(entries, key):
         groups.setdefault(e["step"], []).append(e[key]["mean"])
     return list(groups.values())
 
-
 def write_report(out) -> None:
     """report.md from the run folder alone (config.json, metrics.jsonl, library.json, eval.json)."""
     fmt, cfg, metrics = common.fmt_ci, json.loads((out / "config.json").read_text()), common.read_metrics(out)
@@ -501,8 +465,8 @@ def write_report(out) -> None:
     ev = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {}
     wc = lambda w: f"{w['norm']:.1e} ({w['frac_changed']:.0%} moved)" if w else "-"
     lines = [f"# GRPO on the introspection advantage: {out.name}", "", f"`{cfg['argv']}`", "",
-             f"Optimizer {cfg['optimizer']}, lr {cfg['lr']:g}, clip {cfg['clip']:g} (--preset {cfg['preset']}); "
-             f"Q' by {cfg['transfer_by']}, K={cfg['transfer_questions']}, gate {cfg['gate']}. Intervals are 95%: Newcombe's "
+             f"Optimizer {cfg['optimizer']}, lr {cfg['lr']:g}, clip {cfg['clip']:g} (--preset {cfg.get('preset', '-')}); "
+             f"Q' by {cfg['transfer_by']}, K={cfg['transfer_questions']}, gate {cfg.get('gate', 'mean')}. Intervals are 95%: Newcombe's "
              "paired-binary one for one lesson on one Q'; bootstraps clustered by baseline row, step or question.", "",
              "## Per step", ""]
     lines += common.md_table(
@@ -553,7 +517,6 @@ def write_report(out) -> None:
 # ----------------------------------------------------------------------------
 # flags
 
-
 def build_parser():
     p = common.add_common_args(common.ArgumentParser(description=__doc__.split("\n\n")[0]), data="data/procedural.jsonl")
     count, count0 = common.at_least(1), common.at_least(0)
@@ -587,7 +550,6 @@ def build_parser():
     p.add_argument("--include-controls", action="store_true", help="also train and evaluate on negative-control clusters")
     return p
 
-
 def fact_units(questions) -> dict:
     """Questions in units closed under a shared cue stem, (type, answer words) and text: a held-out
     unit shares no fact and no text with the others. {type of its first question: [unit, ...]}."""
@@ -607,7 +569,6 @@ def fact_units(questions) -> dict:
     for u in units.values():
         by_type.setdefault((u[0].cluster, u[0].subtype), []).append(u)
     return by_type
-
 
 def make_split(args):
     """Per type, one fact unit held out for evaluation and one for dev (the canary is its first
@@ -633,7 +594,6 @@ def make_split(args):
     order = [train[i] for i in np.random.default_rng(args.seed).permutation(len(train))]
     return {**held, "canary": canary, "pool": pool, "train": train, "order": order}
 
-
 def main():
     args = build_parser().parse_args()
     preset = PRESETS[args.preset]
@@ -647,7 +607,6 @@ def main():
     evaluate(args, policy, split, out, "after")
     write_report(out)
     print(f"library: {out / 'library.json'}\nmetrics: {out / 'metrics.jsonl'}\nreport:  {out / 'report.md'}")
-
 
 if __name__ == "__main__":
     common.run_main(main)
