@@ -6,6 +6,10 @@ per type, never a Q or Q' of training and never an evaluation fact) and the cana
 too). The evaluation facts are never read. Then the rule of results/grpo-optimizer-sweep/RULE.md,
 written and committed before any run, picks the default (choose() below).
 
+The step-0 measurement is taken once, in the first preset's run, and copied into the others before
+they start (seed_before): the base weights, the seeds and the dev questions are the same, so each
+run would measure the same thing again (on the 2-core CPU that saves ~6 min a run under load).
+
     python bench/sweep_grpo_optimizer.py --steps 8 --runs runs/grpo-sweep --out results/grpo-optimizer-sweep
 """
 import json
@@ -54,6 +58,18 @@ def choose(runs: dict) -> tuple[str, list[str]]:
     return "paper", log
 
 
+def seed_before(first: Path, d: Path, preset: str) -> None:
+    """d's config.json as its own fresh run would write it, and eval.json holding first's step-0
+    measurement; the run then starts with --resume (no checkpoint: from step 0, the before kept)."""
+    cfg = json.loads((first / "config.json").read_text())
+    opt, lr, clip = g.PRESETS[preset]
+    argv = cfg["argv"].replace(f"--preset {cfg['preset']}", f"--preset {preset}").replace(str(first), str(d))
+    d.mkdir(parents=True, exist_ok=True)
+    common.atomic_write_json(d / "config.json", {**cfg, "preset": preset, "optimizer": opt, "lr": lr, "clip": clip,
+                                                 "out": str(d), "argv": argv})
+    common.atomic_write_json(d / "eval.json", {"before": json.loads((first / "eval.json").read_text())["before"]})
+
+
 def main():
     p = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", choices=list(g.PRESETS), default=list(g.PRESETS))
@@ -64,7 +80,9 @@ def main():
     a = p.parse_args()
     runs, out = {}, Path(a.out)
     for preset in a.presets:
-        d = Path(a.runs) / preset
+        d, first = Path(a.runs) / preset, Path(a.runs) / a.presets[0]
+        if preset != a.presets[0] and not (d / "config.json").exists():
+            seed_before(first, d, preset)
         if not (d / "eval.json").exists() or "changes" not in json.loads((d / "eval.json").read_text()):
             cmd = [sys.executable, "grpo_introspect.py", "--model", "gemma", "--preset", preset, "--eval-on", "dev",
                    "--steps", str(a.steps), "--out", str(d), *a.extra.split()] + (["--resume"] if (d / "config.json").exists() else [])
