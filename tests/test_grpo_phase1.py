@@ -171,3 +171,21 @@ def test_wrong_lesson_swaps_the_answer_for_another_option():
     w = g.wrong_lesson(q, [q])
     assert w != q.lesson and "red means go" not in w and "means go" in w
     assert sorted(w.replace(",", "").split()) == sorted(q.lesson.replace(",", "").split())   # the same words
+
+
+def test_sweep_rule_as_written_in_RULE_md():
+    """bench/sweep_grpo_optimizer.py's choose(): safety first, then the A_intro change's lower bound,
+    then the log-prob gap's, else the paper preset."""
+    sys.path.insert(0, str(g.__file__).rsplit("/", 1)[0] + "/bench")
+    import sweep_grpo_optimizer as sw
+    ci = lambda lo, hi: {"mean": (lo + hi) / 2, "lo": lo, "hi": hi, "n": 40}
+    none = {"mean": 0.0, "lo": float("nan"), "hi": float("nan"), "n": 4, "note": "no interval"}
+    def run(rate=ci(-0.1, 0.1), a=ci(-0.1, 0.1), gap=ci(-1, 1), alarm=False, dtheta=1e-6):
+        return {"changes": {sw.RATE: {"change": rate}, sw.CLOSED: {"change": ci(-0.1, 0.1)}, sw.A: {"change": a},
+                            sw.GAP: {"change": gap}}, "alarm": alarm, "dtheta": dtheta}
+    assert sw.choose({"paper": run(), "sgd-1e-2": run(gap=none)})[0] == "paper"
+    assert sw.choose({"paper": run(), "adamw-1e-5": run(gap=ci(0.5, 2))})[0] == "adamw-1e-5"
+    assert sw.choose({"paper": run(), "adamw-1e-5": run(gap=ci(0.5, 2)), "sgd-1e-2": run(a=ci(0.01, 0.3))})[0] == "sgd-1e-2"
+    assert sw.choose({"paper": run(), "adamw-1e-5": run(a=ci(0.1, 0.3), rate=ci(-0.5, -0.1))})[0] == "paper"
+    assert sw.choose({"paper": run(), "adamw-1e-5": run(a=ci(0.1, 0.3), alarm=True)})[0] == "paper"
+    assert sw.choose({"adamw-1e-6": run(gap=ci(0.5, 2), dtheta=0.02), "adamw-1e-5": run(gap=ci(0.5, 2), dtheta=0.2)})[0] == "adamw-1e-6"
