@@ -83,7 +83,8 @@ def main():
         d, first = Path(a.runs) / preset, Path(a.runs) / a.presets[0]
         if preset != a.presets[0] and not (d / "config.json").exists():
             seed_before(first, d, preset)
-        if not (d / "eval.json").exists() or "changes" not in json.loads((d / "eval.json").read_text()):
+        ev = json.loads((d / "eval.json").read_text()) if (d / "eval.json").exists() else {}
+        if "changes" not in ev or ev["after"]["step"] != a.steps:         # not run, or run for fewer steps
             cmd = [sys.executable, "grpo_introspect.py", "--model", "gemma", "--preset", preset, "--eval-on", "dev",
                    "--steps", str(a.steps), "--out", str(d), *a.extra.split()] + (["--resume"] if (d / "config.json").exists() else [])
             print(" ".join(cmd), flush=True)
