@@ -187,7 +187,11 @@ def run(files, out, *extra):
 # so its steps have no candidate. With a lesson in context the answer is right, without it wrong,
 # so A_intro = +1. Canary questions are answered right until the weights first change.
 
-def scripted_sampler(calls):
+def scripted_sampler(calls, canary=()):
+    """canary: question texts answered right (without a lesson) until the weights first change.
+    Rollouts on Q: clusters k, h, z answer right and write "<c> means y."; any other cluster answers
+    wrong. Answers with a lesson in context / without: k right / wrong (A = +1), h wrong / right
+    (A = -1), z right / right (A = 0)."""
     first = {}
 
     def sample(model, tok, prompts, n=1, row_seeds=None, progress=None, **kw):
@@ -196,13 +200,15 @@ def scripted_sampler(calls):
         first.setdefault("w", w)
         out = []
         for p in prompts:
-            c = p.rsplit("Question: ", 1)[1][0]                      # the question's cluster letter
-            canary_q = p.rsplit("Question: ", 1)[1].startswith(f"{c} question 0?")
+            asked = p.rsplit("Question: ", 1)[1]
+            c = asked[0]                                             # the question's cluster letter
             if g.OPEN in p.rsplit("Question: ", 1)[0] and "Lesson:" not in p:   # a rollout on Q
-                full = f" B {g.OPEN}{c} means y.{g.CLOSE}" if c == "k" else f" C {g.OPEN}{c} means z.{g.CLOSE}"
+                full = f" B {g.OPEN}{c} means y.{g.CLOSE}" if c in "khz" else f" C {g.OPEN}{c} means z.{g.CLOSE}"
                 text = full[:full.index(g.CLOSE)]
             else:
-                right = "Lesson:" in p or (canary_q and w == first["w"])
+                lesson = "Lesson:" in p
+                right = {"k": lesson, "h": not lesson, "z": True}.get(c, lesson) or (
+                    any(asked.startswith(t) for t in canary) and w == first["w"])
                 full = " B\n" if right else " C\n"
                 text = full[:-1]
             ids = tok(full, add_special_tokens=False).input_ids
@@ -211,7 +217,7 @@ def scripted_sampler(calls):
     return sample
 
 
-def run_inproc(monkeypatch, files, out, *extra):
+def run_inproc(monkeypatch, files, out, *extra, data="q.jsonl"):
     calls, snaps = [], []
     real_save = common.save_checkpoint
 
@@ -219,11 +225,12 @@ def run_inproc(monkeypatch, files, out, *extra):
         snaps.append((step, {k: v.detach().clone() for k, v in model.state_dict().items()}))
         return real_save(out_, model, tok, opt, step=step, extra=extra)
 
-    monkeypatch.setattr(common, "sample", scripted_sampler(calls))
-    monkeypatch.setattr(common, "save_checkpoint", save)
-    argv = ["grpo_introspect.py", "--model", str(files / "model"), "--data", str(files / "q.jsonl"),
+    argv = ["grpo_introspect.py", "--model", str(files / "model"), "--data", str(files / data),
             "--out", str(out), "--N", "4", "--M", "2", "--max-intros", "2", "--canary-every", "1",
             "--lr", "0.05", "--matrix-M", "2", *extra]
+    canary = {q.question for q in g.make_split(g.build_parser().parse_args(argv[1:]))["canary"]}
+    monkeypatch.setattr(common, "sample", scripted_sampler(calls, canary))
+    monkeypatch.setattr(common, "save_checkpoint", save)
     monkeypatch.setattr(sys, "argv", argv)
     g.main()
     metrics = common.read_jsonl(out / "metrics.jsonl")
@@ -280,7 +287,7 @@ def test_end_to_end_introspections_are_scored_and_update_exactly_the_right_weigh
     by_purpose = {}
     for purpose, seeds in calls:
         by_purpose.setdefault(purpose, set()).update(seeds)
-    assert {"rollouts on Q", "transfer rollouts", "canary", "transfer matrix"} <= set(by_purpose)
+    assert {"rollouts on Q", "transfer rollouts", "canary", "transfer matrix", "evaluation"} <= set(by_purpose)
     names = list(by_purpose)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
