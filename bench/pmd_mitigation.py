@@ -6,7 +6,6 @@ test questions are never touched). The rule then picks one; choice.json and repo
     python bench/pmd_mitigation.py --out results/pmd-mitigation            # obstetrics, as RULE.md says
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 

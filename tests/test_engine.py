@@ -1,8 +1,6 @@
 """The shared training primitives of common.py: paired scoring, the paired bootstrap, the optimizer
 step, the policy loader, the teacher-forced answer log-prob, the flag types and md_table."""
-import argparse
 import json
-import sys
 from types import SimpleNamespace
 
 import numpy as np
