@@ -191,7 +191,7 @@ def test_grpo_samples_from_the_rollout_model(tiny_tok, tmp_path, monkeypatch, dt
     model_dir = tmp_path / "model"
     save_tiny_model(model_dir, tiny_tok)
     rows = [{"id": f"{c}{i}", "cluster": c, "subtype": "s", "question": f"{c} question {i}?",
-             "choices": ["x", "y", "z"], "answer": "B", "answer_type": "mcq"} for c in ("k", "f") for i in range(3)]
+             "choices": ["x", "y", "z"], "answer": "B", "answer_type": "mcq"} for c in ("k", "f") for i in range(6)]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     loaded, seen = [], []
     real_load, real_sample = common.load_model, common.sample

@@ -127,7 +127,7 @@ def test_the_flag_reaches_a_stage_and_changes_no_number(tiny_tok, tmp_path, monk
     import grpo_introspect as g
     model_dir = save_tiny_model(tmp_path / "model", tiny_tok)
     rows = [{"id": f"{c}{i}", "cluster": c, "subtype": "s", "question": f"{c} question {i}?",
-             "choices": ["x", "y", "z"], "answer": "B", "answer_type": "mcq"} for c in ("k", "f") for i in range(3)]
+             "choices": ["x", "y", "z"], "answer": "B", "answer_type": "mcq"} for c in ("k", "f") for i in range(6)]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     wrapped = []
     real_ckpt = common.checkpoint_layers
