@@ -18,7 +18,7 @@ question; (2) the tied embedding is frozen (--train-embeddings to train it); (3)
 question per text (option orders are not separate evidence); (4) lr 1e-4 x 2 epochs is the pick of
 bench/sweep_sft_lr.py's pre-registered rule (results/sft-lr-sweep-v2: it forgets at the point, see there).
 
-    python sft_recall.py --model gemma --lessons data                 # the default (results/sft-default: at lr 3e-5)
+    python sft_recall.py --model gemma --lessons data                 # the default (results/sft-default-lr1e-4)
     python sft_recall.py --library runs/A/library.json --model runs/A/checkpoint
     python sft_recall.py --out runs/NAME --resume ...                 # continue after a kill
 """
