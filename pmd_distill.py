@@ -18,6 +18,8 @@ Deliberate choices (the paper gives no formulas):
   4. Insight similarity is word overlap; the model stays in eval mode (Gemma 3 has no dropout).
   5. Evaluation is memory-free (the paper's point) except --freeze policy (the in-context agent);
      every held-out question is scored under the same fixed option rotations for every method.
+  6. sdpo and pmd add 0.5 x GRPO's loss (--grpo-blend; 0 is the reference's SDPO): the answer-format
+     mitigation that results/pmd-mitigation/RULE.md's rule, fixed before the trial, picked on dev.
 
     python pmd_distill.py --model gemma --method pmd          # or --method sdpo, --method grpo
     python pmd_distill.py --model gemma --compare             # base once, then grpo, sdpo, pmd
@@ -887,7 +889,8 @@ def build_parser():
     a("--feedback", choices=FEEDBACK_MODES, default=None,
       help="verifier lines for the teacher (default: none for multiple choice, as the reference; else without-solution)")
     a("--teacher-format", choices=["sdpo", "student"], default="sdpo", help="student: the solution as a solved example")
-    a("--grpo-blend", type=common.unit_interval, default=0.0, help="sdpo/pmd: weight of the GRPO loss in the mix")
+    a("--grpo-blend", type=common.unit_interval, default=0.5,
+      help="sdpo/pmd: weight of the GRPO loss in the mix (0: the reference's SDPO; 0.5: the dev trial's pick)")
     a("--reflector", choices=["self", "template", "none"], default="template")
     a("--seed-memory", choices=["none", "data"], default="none", help="data: the data's lessons as insights (upper bound)")
     a("--levels", default="experience,insight,behavior", help="which memory levels exist")

@@ -15,8 +15,9 @@ import pmd_distill as pmd  # noqa: E402
 
 CANDIDATES = [("reference", []), ("student-format", ["--teacher-format", "student"]), ("alpha-1", ["--alpha", "1"]),
               ("no-tail", ["--no-tail"]), ("grpo-blend", ["--grpo-blend", "0.5"])]
-TRIAL = ["--method", "sdpo", "--data", "data/obstetrics.jsonl", "--test-per-type", "4", "--train-per-type", "1",
-         "--epochs", "1"]
+# --grpo-blend 0 first: the trial's baseline is SDPO as the reference runs it, whatever pmd_distill's default
+TRIAL = ["--method", "sdpo", "--grpo-blend", "0", "--data", "data/obstetrics.jsonl", "--test-per-type", "4",
+         "--train-per-type", "1", "--epochs", "1"]
 
 
 def choose(rows: list[dict], n_rows: int) -> str:
