@@ -795,22 +795,12 @@ def _head_chunk(weight, softcap, temperature, h, y, extra, own_k, teacher_k):
     return tuple(out)
 
 
-def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                   temperature: float = 1.0, chunk: int = 256, top_k: int = 0,
-                   extra_ids: torch.Tensor | None = None, pad_id: int = 0,
-                   student_top_k: int = 0, share_prompts: bool = True) -> dict:
-    """Per-token log-probs of completions after prompts; with grad if grad is enabled. Rows that
-    share a prompt (a GRPO group) run it through the decoder once (share_prompts=False: never).
-
-    Returns logprobs (B, Tc) and mask (B, Tc) bool (Tc: the longest completion), and as asked:
-      top_k=k:          topk_logprobs, topk_ids (B, Tc, k), no grad (a teacher's own top-k);
-      extra_ids (B,Tc,k): extra_logprobs at those ids (a teacher scored at the student's ids);
-      student_top_k=k:  student_topk_logprobs WITH grad and student_topk_ids (SDPO's student)."""
+def _logprobs(model, prompt_ids, completion_ids, temperature=1.0, pad_id=0, chunk=256, share_prompts=True,
+              extra_ids=None, own_k=0, teacher_k=0) -> dict:
+    """The chunked-head loop behind the four public entry points below; outputs as they say."""
     if not temperature > 0:
         raise ValueError(f"token_logprobs: temperature must be > 0 (got {temperature}); log-probs are "
                          f"divided by it. Train at the temperature the rollouts were sampled at.")
-    if student_top_k and extra_ids is not None:
-        raise ValueError("student_top_k and extra_ids are separate paths: score the student and the teacher in two calls")
     h, slot_b, slot_j = _completion_hidden(model, prompt_ids, completion_ids, pad_id, share_prompts)
     device = h.device
     y = torch.tensor([t for c in completion_ids for t in c], dtype=torch.long, device=device)   # (N,)
@@ -820,11 +810,11 @@ def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list
     parts = []
     for s in range(0, h.shape[0], chunk):
         a = (weight, softcap, temperature, h[s:s + chunk], y[s:s + chunk],
-             ex[s:s + chunk] if ex is not None else None, student_top_k, top_k)
+             ex[s:s + chunk] if ex is not None else None, own_k, teacher_k)
         parts.append(checkpoint(_head_chunk, *a, use_reentrant=False) if torch.is_grad_enabled() else _head_chunk(*a))
     names = ["logprobs"] + (["extra_logprobs"] if ex is not None else []) + \
-        (["student_topk_logprobs", "student_topk_ids"] if student_top_k else []) + \
-        (["topk_logprobs", "topk_ids"] if top_k else [])
+        (["student_topk_logprobs", "student_topk_ids"] if own_k else []) + \
+        (["topk_logprobs", "topk_ids"] if teacher_k else [])
     B, Tc = len(prompt_ids), max(len(c) for c in completion_ids)
     out = {"mask": torch.zeros((B, Tc), dtype=torch.bool, device=device)}
     out["mask"][slot_b.to(device), slot_j.to(device)] = True
@@ -833,6 +823,36 @@ def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list
         full = torch.zeros((B, Tc, *flat.shape[1:]), dtype=flat.dtype, device=device)
         out[name] = full.index_put((slot_b.to(device), slot_j.to(device)), flat)
     return out
+
+
+# The four ways to score completions. Each takes (model, prompt_ids, completion_ids) as token-id
+# lists, then temperature, pad_id, chunk (rows of the LM head at once) and share_prompts (False:
+# every row runs its own prompt), and returns logprobs and mask (B, Tc) (Tc: the longest completion),
+# plus what its name says. Rows that share a prompt (a GRPO group) run it through the decoder once.
+
+
+def token_logprobs(model, prompt_ids, completion_ids, **kw) -> dict:
+    """The completions' own tokens; grad flows if grad is enabled (policy gradient, SFT)."""
+    return _logprobs(model, prompt_ids, completion_ids, **kw)
+
+
+@torch.no_grad()
+def teacher_topk(model, prompt_ids, completion_ids, k: int, **kw) -> dict:
+    """Also the model's own top-k at every position, never with grad: topk_logprobs, topk_ids
+    (B, Tc, k). A distillation teacher."""
+    return _logprobs(model, prompt_ids, completion_ids, teacher_k=k, **kw)
+
+
+def student_topk(model, prompt_ids, completion_ids, k: int, **kw) -> dict:
+    """Also the model's own top-k WITH grad (topk's values are a gather): student_topk_logprobs,
+    student_topk_ids (B, Tc, k). SDPO's student, whose ids the teacher is then scored at."""
+    return _logprobs(model, prompt_ids, completion_ids, own_k=k, **kw)
+
+
+def logprobs_at(model, prompt_ids, completion_ids, ids: torch.Tensor, **kw) -> dict:
+    """Also the log-probs at given ids (B, Tc, k), another model's top-k: extra_logprobs; grad flows
+    if grad is enabled (a student scored at its teacher's ids; a teacher, under no_grad, at its student's)."""
+    return _logprobs(model, prompt_ids, completion_ids, extra_ids=ids, **kw)
 
 
 @torch.no_grad()

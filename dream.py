@@ -336,8 +336,8 @@ def load_run(args, out, split, lesson, ev) -> Run:
         rs = common.sample(pol.rollout, tok, rp, n=2, seed=common.stream_seed(args.seed, "replay"), **sampling(args))
         ids, comp = [common.encode(tok, rp[s.prompt_idx]) for s in rs], [s.token_ids for s in rs]
         with torch.no_grad():
-            ref = common.token_logprobs(model, ids, comp, temperature=args.temperature, top_k=args.cd_top_k,
-                                        pad_id=tok.pad_token_id)
+            ref = common.teacher_topk(model, ids, comp, args.cd_top_k, temperature=args.temperature,
+                                      pad_id=tok.pad_token_id)
         run.replay = (ids, comp, ref["topk_logprobs"], ref["topk_ids"], ref["mask"])
     return run
 
@@ -444,10 +444,11 @@ def dream_step(run, T, xs, step, reward, frozen) -> dict:
     if frozen is not None:                    # the teacher on x' + r at the student's own tokens, top-k
         t_ids = [common.encode(tok, common.question_prompt(tok, X[k // N], lesson=T["lesson"])) for k in rows]
         with torch.no_grad():
-            t = common.token_logprobs(frozen, t_ids, comp, temperature=args.temperature, top_k=args.cd_top_k,
-                                      pad_id=tok.pad_token_id)
-    lp = common.token_logprobs(pol.model, ids, comp, temperature=args.temperature, pad_id=tok.pad_token_id,
-                               extra_ids=None if t is None else t["topk_ids"])
+            t = common.teacher_topk(frozen, t_ids, comp, args.cd_top_k, temperature=args.temperature,
+                                    pad_id=tok.pad_token_id)
+    kw = dict(temperature=args.temperature, pad_id=tok.pad_token_id)     # the student: its own ids, and the teacher's
+    lp = (common.token_logprobs(pol.model, ids, comp, **kw) if t is None
+          else common.logprobs_at(pol.model, ids, comp, t["topk_ids"], **kw))
     in_pg = torch.tensor([bool(keep[k // N]) for k in rows], device=pol.device)
     loss = pg_loss(lp["logprobs"], lp["mask"] & in_pg[:, None],
                    torch.tensor([A[k // N, k % N] for k in rows], dtype=torch.float32, device=pol.device))
@@ -490,7 +491,7 @@ def update(run, loss, rec, mask) -> dict:
 def replay_kl(run):
     """KL(pre-dream || student) per token on the replay samples (forward, top-k + tail)."""
     ids, comp, t_lp, t_ids, m = run.replay
-    s = common.token_logprobs(run.policy.model, ids, comp, temperature=run.args.temperature, extra_ids=t_ids,
+    s = common.logprobs_at(run.policy.model, ids, comp, t_ids, temperature=run.args.temperature,
                               pad_id=run.policy.tok.pad_token_id)
     return common.distill_loss(s["extra_logprobs"], t_lp, m, CD_ALPHA["forward"])
 

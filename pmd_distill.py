@@ -319,7 +319,7 @@ def sdpo_loss_on(args, policy, teacher, rolls, ctx, st, rec):
         s = student_logprobs(args, policy, rolls, mb, top_k=min(args.top_k, policy.model.config.vocab_size))
         t_ids, comp = [common.encode(policy.tok, ctx[i].prompt) for i in mb], [rolls[i].completion_ids for i in mb]
         with torch.no_grad():
-            t = common.token_logprobs(teacher, t_ids, comp, temperature=args.temperature, pad_id=pad, extra_ids=s["student_topk_ids"])
+            t = common.logprobs_at(teacher, t_ids, comp, s["student_topk_ids"], temperature=args.temperature, pad_id=pad)
         loss = (1 - args.grpo_blend) * sdpo_loss(s["student_topk_logprobs"], t["extra_logprobs"], s["mask"], args.alpha, args.tail, n_active=n)
         loss.backward()
         total += float(loss.detach())
@@ -330,8 +330,9 @@ def sdpo_loss_on(args, policy, teacher, rolls, ctx, st, rec):
 
 def student_logprobs(args, policy, rolls, mb, top_k=0):
     """The trained policy's log-probs of rows mb (with grad); top_k: SDPO's student top-k ids too."""
-    return common.token_logprobs(policy.model, [rolls[i].prompt_ids for i in mb], [rolls[i].completion_ids for i in mb],
-                                 temperature=args.temperature, pad_id=policy.tok.pad_token_id, student_top_k=top_k)
+    ids, comp = [rolls[i].prompt_ids for i in mb], [rolls[i].completion_ids for i in mb]
+    kw = dict(temperature=args.temperature, pad_id=policy.tok.pad_token_id)
+    return common.student_topk(policy.model, ids, comp, top_k, **kw) if top_k else common.token_logprobs(policy.model, ids, comp, **kw)
 
 
 def chunks(rows, size):

@@ -121,14 +121,14 @@ def one_step(args) -> dict:
             for s in range(0, len(rows), args.micro_batch):
                 mb = rows[s:s + args.micro_batch]
                 ta = time.perf_counter()
-                st = common.token_logprobs(model, [s_ids[i] for i in mb], [comp[i] for i in mb], temperature=T,
-                                           pad_id=tok.pad_token_id, student_top_k=k, share_prompts=share)
+                st = common.student_topk(model, [s_ids[i] for i in mb], [comp[i] for i in mb], k, temperature=T,
+                                         pad_id=tok.pad_token_id, share_prompts=share)
                 t["logprob_fwd_bwd"] += time.perf_counter() - ta
                 ta = time.perf_counter()
                 with torch.no_grad():
-                    te = common.token_logprobs(teacher, [common.encode(tok, ctx[i]) for i in mb], [comp[i] for i in mb],
-                                               temperature=T, pad_id=tok.pad_token_id, extra_ids=st["student_topk_ids"],
-                                               share_prompts=share)
+                    te = common.logprobs_at(teacher, [common.encode(tok, ctx[i]) for i in mb], [comp[i] for i in mb],
+                                            st["student_topk_ids"], temperature=T, pad_id=tok.pad_token_id,
+                                            share_prompts=share)
                 t["teacher_forward"] += time.perf_counter() - ta
                 ta = time.perf_counter()
                 pmd.sdpo_loss(st["student_topk_logprobs"], te["extra_logprobs"], st["mask"], 0.5, n_active=n_active).backward()

@@ -104,9 +104,9 @@ def test_topk_and_extra_ids_match_reference(tiny):
     model, tok = tiny
     prompts, comps = batch(tok)
     with torch.no_grad():
-        teacher = common.token_logprobs(model, prompts, comps, top_k=5, chunk=7, pad_id=tok.pad_token_id)
+        teacher = common.teacher_topk(model, prompts, comps, 5, chunk=7, pad_id=tok.pad_token_id)
         ref = reference(model, prompts, comps, 1.0)
-    student = common.token_logprobs(model, prompts, comps, extra_ids=teacher["topk_ids"], chunk=3,
+    student = common.logprobs_at(model, prompts, comps, teacher["topk_ids"], chunk=3,
                                     pad_id=tok.pad_token_id)
     assert student["extra_logprobs"].requires_grad
     for i, (_, full) in enumerate(ref):

@@ -45,10 +45,10 @@ def test_divergence_equals_full_vocabulary_when_k_covers_it(tiny, alpha, tail):
     teacher = make_tiny_gemma(len(tok), seed=5)
     V, T = model.config.vocab_size, 0.7
     prompts, t_prompts, comps = seqs(tok)
-    st = common.token_logprobs(model, prompts, comps, temperature=T, chunk=3, pad_id=tok.pad_token_id, student_top_k=V)
+    st = common.student_topk(model, prompts, comps, V, temperature=T, chunk=3, pad_id=tok.pad_token_id)
     with torch.no_grad():
-        te = common.token_logprobs(teacher, t_prompts, comps, temperature=T, pad_id=tok.pad_token_id,
-                                   extra_ids=st["student_topk_ids"])
+        te = common.logprobs_at(teacher, t_prompts, comps, st["student_topk_ids"], temperature=T,
+                                pad_id=tok.pad_token_id)
     ours = pmd.sdpo_loss(st["student_topk_logprobs"], te["extra_logprobs"], st["mask"], alpha, tail)
     ref_terms = []
     for p, tp, c in zip(prompts, t_prompts, comps):
@@ -69,7 +69,7 @@ def test_student_top_k_path_leaves_the_other_outputs_unchanged(tiny):
     prompts, _, comps = seqs(tok)
     with torch.no_grad():
         a = common.token_logprobs(model, prompts, comps, pad_id=tok.pad_token_id)
-        b = common.token_logprobs(model, prompts, comps, pad_id=tok.pad_token_id, student_top_k=5)
+        b = common.student_topk(model, prompts, comps, 5, pad_id=tok.pad_token_id)
     assert torch.equal(a["logprobs"], b["logprobs"]) and torch.equal(a["mask"], b["mask"])
     # the student's top-5 are its 5 most likely ids, in order
     assert (b["student_topk_logprobs"][:, :, :-1] >= b["student_topk_logprobs"][:, :, 1:])[b["mask"]].all()

@@ -343,13 +343,13 @@ def test_teacher_input_on_the_training_path_and_no_context_no_loss(tiny_tok, mon
     rolls = rollouts_of(q, [" gold word", " A", " C", " A"], [1, 0, 0, 0], prompt_ids=(2, 5, 6), comps=comps)
     ctx = [pmd.Context(None), pmd.Context("T one"), pmd.Context(None), pmd.Context("T three")]
     calls = []
-    real = common.token_logprobs
+    real = common._logprobs          # behind every scoring entry point
 
     def spy(model, prompt_ids, completion_ids, **kw):
         calls.append((model, prompt_ids, completion_ids))
         return real(model, prompt_ids, completion_ids, **kw)
 
-    monkeypatch.setattr(common, "token_logprobs", spy)
+    monkeypatch.setattr(common, "_logprobs", spy)
     args = SimpleNamespace(micro_batch=8, top_k=6, temperature=0.7, alpha=0.5, tail=True, grpo_blend=0.0)
     st = pmd.State(memory=pmd.new_memory())
     assert pmd.sdpo_loss_on(args, policy, teacher, rolls, ctx, st, {}) > 0
@@ -367,9 +367,9 @@ def test_divergence_uses_the_students_top_k_not_the_teachers(tiny):
     model, tok = tiny
     teacher = make_tiny_gemma(len(tok), seed=5)
     prompts, comps, T, k = [[2, 30, 31]], [[40, 41, 42]], 0.7, 5
-    st = common.token_logprobs(model, prompts, comps, temperature=T, pad_id=1, student_top_k=k)
+    st = common.student_topk(model, prompts, comps, k, temperature=T, pad_id=1)
     with torch.no_grad():
-        te = common.token_logprobs(teacher, prompts, comps, temperature=T, pad_id=1, extra_ids=st["student_topk_ids"])
+        te = common.logprobs_at(teacher, prompts, comps, st["student_topk_ids"], temperature=T, pad_id=1)
     ours = float(pmd.sdpo_loss(st["student_topk_logprobs"], te["extra_logprobs"], st["mask"], 0.5, True))
     full = lambda m: torch.log_softmax(m(input_ids=torch.tensor([prompts[0] + comps[0]])).logits[0, 2:5] / T, -1)
     with torch.no_grad():

@@ -27,9 +27,10 @@ def weights_like(x, seed):
 
 
 def run(model, prompts, comps, share, **kw):
-    """token_logprobs, then the gradients of a fixed random weighting of every output with grad."""
+    """The scoring loop (every entry point's), then the gradients of a fixed random weighting of every
+    output with grad."""
     model.zero_grad(set_to_none=True)
-    res = common.token_logprobs(model, prompts, comps, share_prompts=share, **kw)
+    res = common._logprobs(model, prompts, comps, share_prompts=share, **kw)
     loss = (res["logprobs"] * weights_like(res["logprobs"], 0)).sum()
     for i, key in enumerate(("extra_logprobs", "student_topk_logprobs")):
         if key in res:
@@ -94,12 +95,12 @@ def test_student_topk_extra_ids_and_teacher_topk_paths_equal_unshared(tiny, monk
     model = checkpointed(model) if ckpt else model
     prompts, comps = batch(tok)
     kw = dict(temperature=0.8, chunk=7, pad_id=tok.pad_token_id)
-    assert_same(model, prompts, comps, monkeypatch, student_top_k=6, **kw)
+    assert_same(model, prompts, comps, monkeypatch, own_k=6, **kw)
     monkeypatch.undo()
-    assert_same(model, prompts, comps, monkeypatch, top_k=5, **kw)
+    assert_same(model, prompts, comps, monkeypatch, teacher_k=5, **kw)
     monkeypatch.undo()
     with torch.no_grad():
-        ids = common.token_logprobs(model, prompts, comps, top_k=4, pad_id=tok.pad_token_id)["topk_ids"]
+        ids = common.teacher_topk(model, prompts, comps, 4, pad_id=tok.pad_token_id)["topk_ids"]
     assert_same(model, prompts, comps, monkeypatch, extra_ids=ids, **kw)
 
 

@@ -176,19 +176,22 @@ def data(tmp_path_factory):
 def seen(monkeypatch):
     """Every prompt the run samples from (text) or scores (token ids)."""
     got = {"sampled": [], "scored": []}
-    real_sample, real_lp = common.sample, common.token_logprobs
+    real_sample = common.sample
 
     def sample(model, tok, prompts, *a, **k):
         got["sampled"] += list(prompts)
         return real_sample(model, tok, prompts, *a, **k)
 
-    def token_logprobs(model, prompt_ids, *a, **k):
-        if sys._getframe(1).f_globals["__name__"] != "common":   # not load_model's check on random ids
-            got["scored"] += [list(p) for p in prompt_ids]
-        return real_lp(model, prompt_ids, *a, **k)
+    def spy(real):
+        def score(model, prompt_ids, *a, **k):
+            if sys._getframe(1).f_globals["__name__"] != "common":   # not load_model's check on random ids
+                got["scored"] += [list(p) for p in prompt_ids]
+            return real(model, prompt_ids, *a, **k)
+        return score
 
     monkeypatch.setattr(common, "sample", sample)
-    monkeypatch.setattr(common, "token_logprobs", token_logprobs)
+    for name in ("token_logprobs", "teacher_topk", "student_topk", "logprobs_at"):
+        monkeypatch.setattr(common, name, spy(getattr(common, name)))
     return got
 
 
