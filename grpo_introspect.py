@@ -23,6 +23,7 @@ Deviations, numbered:
 """
 import argparse
 import json
+import math
 import random
 import re
 import time
@@ -85,6 +86,32 @@ def introspection_mask(tok, ids: list[int]) -> list[bool]:
         ends.append(e)
     return [st < span[1] and en > span[0] for st, en in zip([0] + ends[:-1], ends)]
 
+def paired_binary_ci(a, b) -> dict:
+    """95% interval for mean(a) - mean(b) over paired 0/1 outcomes: Newcombe's hybrid score
+    interval (1998, method 10). Never zero width: four pairs all differing by 1 give about
+    [+0.2, +1.0], four equal pairs about [-0.5, +0.5]."""
+    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    n = len(a)
+    if n == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    if not np.all(np.isin(a, (0, 1)) & np.isin(b, (0, 1))):
+        raise ValueError("paired_binary_ci needs 0/1 values")
+    e, f = float(np.sum((a == 1) & (b == 1))), float(np.sum((a == 1) & (b == 0)))
+    g, h = float(np.sum((a == 0) & (b == 1))), float(np.sum((a == 0) & (b == 0)))
+    p1, p2 = (e + f) / n, (e + g) / n
+    l1, u1 = common.wilson(e + f, n)
+    l2, u2 = common.wilson(e + g, n)
+    den = (e + f) * (g + h) * (e + g) * (f + h)
+    # Newcombe's corrected phi: a positive correlation is shrunk by n/2, else all-equal pairs give zero width
+    num = e * h - f * g
+    num = max(num - n / 2, 0.0) if num > 0 else num
+    phi = num / math.sqrt(den) if den > 0 else 0.0
+    d = p1 - p2
+    lo = d - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    hi = d + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return {"mean": d, "lo": max(lo, -1.0), "hi": min(hi, 1.0), "n": n}
+
+
 def paired_advantage(with_r, base) -> dict:
     """A = R_bar(Q' + r) - R_bar(Q') for one lesson; with_r, base: one 0/1 array per Q' (row j of
     both arms on one Q' shared its random numbers). Interval: Newcombe's paired-binary one over
@@ -92,7 +119,7 @@ def paired_advantage(with_r, base) -> dict:
     K*M pairs (what --gate lower uses below MIN_CLUSTERS Q'). Also the unpaired variance."""
     w, b = [np.asarray(x, float).ravel() for x in with_r], [np.asarray(x, float).ravel() for x in base]
     W, Bs = np.concatenate(w), np.concatenate(b)
-    pairs, n = common.paired_binary_ci(W, Bs), len(W)
+    pairs, n = paired_binary_ci(W, Bs), len(W)
     ci = pairs if len(w) == 1 else common.cluster_bootstrap_ci([x - y for x, y in zip(w, b)], seed=0)
     var = lambda f: f() / n if n > 1 else float("nan")
     return {**ci, "lo_pairs": pairs["lo"], "var_paired": var(lambda: (W - Bs).var(ddof=1)),
@@ -444,7 +471,7 @@ def transfer_matrix(args, policy, split, library) -> dict:
     res = score_lessons(policy.rollout, policy.tok, [(targets[c], [best[r] for r in rows]) for c in cols], args.matrix_M,
                         args.temperature, args.seed, "matrix", (), args.answer_tokens, progress="transfer matrix")
     return {"rows": rows, "cols": cols, "lessons": [best[r] for r in rows], "questions": [targets[c].id for c in cols],
-            "cells": [[common.paired_binary_ci(res[j][1][i], res[j][0]) for j in range(len(cols))] for i in range(len(rows))]}
+            "cells": [[paired_binary_ci(res[j][1][i], res[j][0]) for j in range(len(cols))] for i in range(len(rows))]}
 
 
 # ----------------------------------------------------------------------------

@@ -778,7 +778,7 @@ def build_parser():
     p.add_argument("--library", nargs="+", default=None, help="Phase 1 library.json file(s)")
     p.add_argument("--lessons", choices=["library", "data"], default="library", help="'data': score the data's own lesson fields too")
     p.add_argument("--select", choices=["lower", "mean"], default="lower", help="r* by the lower bound of A's 95%% interval, or its mean")
-    p.add_argument("--holdout", type=common.open_unit, default=0.25, help="share of each type's texts held out")
+    p.add_argument("--holdout", type=common.ranged(float, lambda v: 0 < v < 1, "must be strictly between 0 and 1"), default=0.25, help="share of each type's texts held out")
     p.add_argument("--dev", type=common.ranged(float, lambda v: 0 <= v < 1, "must be at least 0 and below 1"), default=0.2, help="share of the rest kept for the threshold")
     p.add_argument("--base-ok", type=common.probability, default=0.75, help="base accuracy at which a question needs no recall")
     p.add_argument("--samples", type=common.at_least(1), default=4, help="selection rollouts per question and arm")

@@ -38,7 +38,7 @@ def test_several_Q_prime_are_clustered():
     w = [np.ones(8), np.zeros(8)]
     b = [np.zeros(8), np.zeros(8)]
     clustered = g.paired_advantage(w, b)
-    flat = common.paired_binary_ci(np.concatenate(w), np.concatenate(b))
+    flat = g.paired_binary_ci(np.concatenate(w), np.concatenate(b))
     assert clustered["n_clusters"] == 2 and clustered["mean"] == pytest.approx(0.5)
     assert clustered["hi"] - clustered["lo"] > flat["hi"] - flat["lo"]
 

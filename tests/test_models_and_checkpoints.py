@@ -77,13 +77,13 @@ def test_gemma_loads_from_cached_folder_without_the_gguf(gemma, monkeypatch):
     real_import = importlib.import_module
 
     def no_gguf(name, *a, **k):
-        if name == common.GEMMA_PACKAGE:
+        if name == common.EMBEDDED["gemma"][0]:
             raise AssertionError("the GGUF package was used again")
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", no_gguf)
     model, tok = common.load_model("gemma")
-    assert (common.gemma_dir() / "model.safetensors").exists()
+    assert (common.embedded_dir("gemma") / "model.safetensors").exists()
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.dtype == torch.float32
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(268e6, rel=0.01)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 1, 0)

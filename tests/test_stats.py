@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import common
+import grpo_introspect as gi
 
 
 def test_t_quantiles_match_published_values():
@@ -44,9 +45,9 @@ def test_mean_ci_needs_the_caller_to_say_binary():
 
 
 def test_paired_binary_interval_has_width_when_every_pair_agrees():
-    ci = common.paired_binary_ci([1, 1, 1, 1], [0, 0, 0, 0])
+    ci = gi.paired_binary_ci([1, 1, 1, 1], [0, 0, 0, 0])
     assert ci["mean"] == 1.0 and 0.2 < ci["lo"] < 0.6 and ci["hi"] == 1.0
-    ci = common.paired_binary_ci([1, 0, 1, 0], [1, 0, 1, 0])
+    ci = gi.paired_binary_ci([1, 0, 1, 0], [1, 0, 1, 0])
     assert ci["mean"] == 0 and ci["lo"] < -0.3 and ci["hi"] > 0.3
 
 
@@ -56,7 +57,7 @@ def test_paired_binary_interval_coverage():
     for _ in range(trials):
         u = rng.random(n)                                # correlated pairs, as in paired sampling
         a, b = (u < 0.5).astype(float), (u < 0.3).astype(float)
-        ci = common.paired_binary_ci(a, b)
+        ci = gi.paired_binary_ci(a, b)
         hits += ci["lo"] <= 0.2 <= ci["hi"]
     assert hits / trials > 0.93
 
