@@ -292,6 +292,7 @@ def diagnose(args, teacher, tok, qs, ctx, st, rec, first_of_epoch: bool) -> None
             w = common.answer_logprob(teacher, tok, [teacher_prompt(tok, q, memory=m) for q, m in blocks], gold)
             wo = common.answer_logprob(teacher, tok, [teacher_prompt(tok, q) for q, _ in blocks], gold)
             rec["memory_gain"] = common.mean_ci(w - wo, binary=False)
+            rec["memory_gain_values"] = [float(x) for x in w - wo]      # pooled over steps in the report
 
 
 def grpo_loss_on(args, policy, rolls, rec):
@@ -795,6 +796,23 @@ def fmt(ci, signed=False):
     return common.fmt_ci(ci, signed=signed)
 
 
+def mean_n(ci) -> str:
+    """A per-step estimate from a handful of questions: its mean and n, no interval."""
+    return "-" if not ci or not ci.get("n") else f"{ci['mean']:+.2f} (n={ci['n']})"
+
+
+def pooled_memory_gain(rows) -> str:
+    """The teacher's gold-answer log-prob gain from memory over every step, clustered by step; no
+    interval below MIN_CLUSTERS steps."""
+    groups = [m["memory_gain_values"] for m in rows if m.get("memory_gain_values")]
+    if not groups:
+        return "per-step means only (this run logged no values)" if any("memory_gain" in m for m in rows) else "none (pmd only)"
+    if len(groups) < common.MIN_CLUSTERS:
+        n = sum(map(len, groups))
+        return f"{float(np.mean(np.concatenate(groups))):+.2f} (no interval: {len(groups)} steps < {common.MIN_CLUSTERS}; n={n})"
+    return fmt(common.cluster_bootstrap_ci(groups), True)
+
+
 def ctx_counts(m) -> str:
     return "/".join(str(m.get(k, "-")) for k in ("group_contexts", "memory_contexts", "feedback_contexts", "no_context"))
 
@@ -815,9 +833,11 @@ def write_report(out: Path) -> None:
               "Dev accuracy by epoch: " + ", ".join(f"{d['epoch']}: {fmt(d['dev'])}" for d in res["dev_curve"]), "", "## Per step", ""]
     lines += common.md_table(["step", "reward", "no answer", "contexts group/memory/feedback/none", "memory gain (nats)", "lr",
                               "grad norm", "loss", "length", "s"],
-                             [[m["step"], fmt(m["reward"]), f"{m['no_answer']:.2f}", ctx_counts(m), fmt(m.get("memory_gain"), True),
+                             [[m["step"], fmt(m["reward"]), f"{m['no_answer']:.2f}", ctx_counts(m), mean_n(m.get("memory_gain")),
                                f3(m["lr"]), f3(m["grad_norm"]), f3(m["loss"]), f"{m['length']:.1f}", f"{m['step_time']:.0f}"] for m in rows])
-    lines += ["", "## The teacher at the first answer position (each epoch's first step)", ""] + common.md_table(
+    lines += ["", f"Memory gain (the teacher's gold-answer log-prob with minus without the memory block, nats), pooled over "
+              f"steps: {pooled_memory_gain(rows)}.", "", "## The teacher at the first answer position (each epoch's first step)", ""]
+    lines += common.md_table(
         ["step", "P(stop) with / without context", "P(option) with / without context"],
         [[m["step"]] + [f"{f3(m['probe']['with_context'][k])} / {f3(m['probe']['without'][k])}" for k in ("p_stop", "p_option")]
          for m in rows if "probe" in m])

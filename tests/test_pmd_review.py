@@ -405,3 +405,13 @@ def test_mitigation_rule_as_written_in_rule_md():
     # a difference under one sample is a tie: the lower no-answer share, then list order (the reference)
     assert pm.choose([row("reference", 0.30, 0.10), row("alpha-1", 0.31, 0.10)], 64) == "reference"
     assert pm.choose([row("reference", 0.30, 0.10), row("alpha-1", 0.30, 0.05)], 64) == "alpha-1"
+
+
+def test_memory_gain_gets_no_interval_from_fewer_than_five_steps():
+    rows = [{"step": i, "memory_gain_values": [1.0 + i, 2.0 - i]} for i in range(4)]
+    few = pmd.pooled_memory_gain(rows)
+    assert "no interval: 4 steps < 5" in few and "[" not in few and few.startswith("+1.50")
+    rows.append({"step": 4, "memory_gain_values": [0.5, 1.5]})
+    many = pmd.pooled_memory_gain(rows)
+    assert many.startswith("+1.40 [") and "5 clusters" in many
+    assert pmd.mean_n({"mean": 0.674, "lo": -42.0, "hi": 43.0, "n": 2}) == "+0.67 (n=2)"     # per step: no interval
