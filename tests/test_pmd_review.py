@@ -415,3 +415,26 @@ def test_memory_gain_gets_no_interval_from_fewer_than_five_steps():
     many = pmd.pooled_memory_gain(rows)
     assert many.startswith("+1.40 [") and "5 clusters" in many
     assert pmd.mean_n({"mean": 0.674, "lo": -42.0, "hi": 43.0, "n": 2}) == "+0.67 (n=2)"     # per step: no interval
+
+
+def test_contrast_between_runs_is_paired_and_refuses_unpaired_runs(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import pmd_contrast
+    ids = [f"q{i}" for i in range(6)]
+    base = [{"id": q, "rewards": [0.0, 1.0]} for q in ids]
+
+    def run(name, final, base_rows=base, **settings):
+        res = {"settings": {"method": "pmd", **settings}, "base": {"test": base_rows},
+               "final": {"test": [{"id": q, "rewards": r} for q, r in zip(ids, final)]},
+               "summary": {"final": {"accuracy": None, "no_answer": None}, "train_control": None}}
+        common.atomic_write_json(tmp_path / name / "eval.json", res)
+        return tmp_path / name
+    ref = run("ref", [[0.0, 1.0]] * 6)
+    better = run("better", [[1.0, 1.0]] * 6, seed_memory="data")
+    (row,) = pmd_contrast.contrasts(ref, [better])
+    assert row[1] == "seed_memory data"
+    assert row[-1].startswith("+0.50") and row[-2].startswith("+0.50")       # vs ref and vs base: +1 on half the rows
+    with pytest.raises(common.UserError, match="not paired"):
+        pmd_contrast.contrasts(ref, [run("reseeded", [[1.0, 1.0]] * 6, base_rows=[{"id": q, "rewards": [1.0, 0.0]} for q in ids])])
+    with pytest.raises(common.UserError, match="rows differ"):
+        pmd_contrast.contrasts(ref, [run("short", [[1.0]] * 6)])
