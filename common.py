@@ -522,6 +522,8 @@ def _prefill(model, tok, prompts, n, seeds, max_new_tokens) -> dict:
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
     cache = DynamicCache(config=model.config)
+    for layer in cache.layers:
+        _preallocate(layer)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]           # (P, V)
     if n > 1:
@@ -534,6 +536,38 @@ def _prefill(model, tok, prompts, n, seeds, max_new_tokens) -> dict:
             "u": torch.tensor(u, dtype=torch.float32), "max_new_tokens": max_new_tokens,
             "eos": eos_ids(model, tok), "active": list(range(rows)), "toks": [[] for _ in range(rows)],
             "lps": [[] for _ in range(rows)], "finish": ["length"] * rows, "texts": [None] * rows}
+
+
+SPARE_KV = 64    # decode steps a KV buffer holds before it is copied into a larger one
+
+
+def _preallocate(layer) -> None:
+    """Make a DynamicCache layer write each step's keys and values into spare room and return views,
+    instead of torch.cat-ing the whole cache into a new tensor every step (bench/RESULTS.md, "one
+    decode step"). A batch change (compaction) or a full buffer copies once; a sliding layer that
+    reaches its window falls back to HF's update. The attention sees the same values either way."""
+    if hasattr(layer, "keys") and hasattr(layer, "get_seq_length"):
+        layer.update = types.MethodType(_growing_update, layer)
+
+
+def _growing_update(layer, k, v, *args, **kwargs):
+    if not layer.is_initialized:
+        layer.lazy_initialization(k, v)
+    n, t, window = layer.get_seq_length(), k.shape[-2], getattr(layer, "sliding_window", None)
+    if window is not None and n + t >= window:
+        return type(layer).update(layer, k, v, *args, **kwargs)
+    buf = getattr(layer, "_kv", None)
+    if n == 0 or buf is None or buf[0].data_ptr() != layer.keys.data_ptr() or buf[0].shape[0] != k.shape[0] \
+            or n + t > buf[0].shape[-2]:
+        buf = tuple(x.new_empty((*x.shape[:2], n + t + SPARE_KV, x.shape[-1])) for x in (k, v))
+        if n:
+            buf[0][:, :, :n], buf[1][:, :, :n] = layer.keys, layer.values
+        layer._kv = buf
+    buf[0][:, :, n:n + t], buf[1][:, :, n:n + t] = k, v
+    layer.keys, layer.values = buf[0][:, :, :n + t], buf[1][:, :, :n + t]
+    if window is not None:
+        layer.cumulative_length = n + t
+    return layer.keys, layer.values
 
 
 def _decode(model, tok, st, temperature, top_p, stop, min_new_tokens, bar) -> None:

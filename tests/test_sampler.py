@@ -240,3 +240,42 @@ def test_a_uniform_that_rounds_to_one_never_draws_a_zero_probability_token():
     tokens, lp = common.draw_tokens(logits, u, temperature=1.0, top_p=0.5)
     assert tokens.tolist() == [2, 2]                    # the nucleus is {2} alone (p = 0.67)
     assert torch.isfinite(lp).all()
+
+
+def test_preallocated_kv_cache_gives_hf_cache_samples(tiny, monkeypatch):
+    """The sampler's KV buffers (common._preallocate) against HF's torch.cat cache: same tokens and
+    log-probs, through compaction, buffer growth (SPARE_KV 3) and sliding layers past their window."""
+    model, tok = tiny
+    monkeypatch.setattr(common, "SPARE_KV", 3)
+    kw = dict(n=4, max_new_tokens=30, temperature=1.0, seed=5, stop=list("aeiou"))
+    grown = []
+    real = common._growing_update
+    monkeypatch.setattr(common, "_growing_update", lambda layer, k, *a, **b: grown.append(k.shape[-2]) or real(layer, k, *a, **b))
+    ours = common.sample(model, tok, PROMPTS, **kw)
+    assert grown, "the sampler must use the preallocated cache"
+    monkeypatch.setattr(common, "_preallocate", lambda layer: None)
+    ref = common.sample(model, tok, PROMPTS, **kw)
+    assert len({len(s.token_ids) for s in ref}) > 1 and max(len(s.token_ids) for s in ref) > 8
+    assert [s.token_ids for s in ours] == [s.token_ids for s in ref]
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_preallocated_layer_returns_what_hf_layer_returns(sliding, monkeypatch):
+    """Step by step, a preallocated cache layer returns the keys/values and mask sizes HF's does,
+    across buffer growth, a batch compaction and (sliding) the window's edge."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    monkeypatch.setattr(common, "SPARE_KV", 2)
+    make = (lambda: DynamicSlidingWindowLayer(sliding_window=6)) if sliding else DynamicLayer
+    ours, ref = make(), make()
+    common._preallocate(ours)
+    g = torch.Generator().manual_seed(0)
+    for step, t in enumerate([3] + [1] * 8):
+        if step == 4:
+            for layer in (ours, ref):
+                layer.batch_select_indices(torch.tensor([0, 2]))
+        k, v = (torch.randn(3 if step < 4 else 2, 1, t, 4, generator=g) for _ in range(2))
+        for a, b in zip(ours.update(k, v), ref.update(k, v)):
+            assert torch.equal(a, b), f"step {step}"
+        assert ours.get_seq_length() == ref.get_seq_length() and ours.get_mask_sizes(1) == ref.get_mask_sizes(1)
