@@ -443,22 +443,41 @@ def draw_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
     draw the same token where their distributions are close; ~20x cheaper than multinomial at a
     262k vocabulary (docs/facts.md). Returns (tokens (B,), log-probs under the distribution sampled
     from (B,)); temperature 0 is greedy, with log-probs at temperature 1."""
-    logits = logits.float()                                                  # (B, V)
     u = u.float().clamp(0.0, 1.0 - 2.0 ** -24)     # a float64 uniform may round to 1.0 in float32
     if temperature == 0:
+        logits = logits.float()
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
-    probs = torch.softmax(logits / temperature, dim=-1)                      # (B, V)
     if top_p < 1.0:
-        return _draw_nucleus(probs, u, top_p)
-    cdf = probs.cumsum(-1)                                                   # (B, V), vocab order
-    tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
-    # float32 cumsum rounding can land on a zero-probability tail token: step back to the last live one
-    bad = probs.gather(1, tokens[:, None])[:, 0] == 0                        # (B,), almost never
-    if bool(bad.any()):
-        last_nz = probs.shape[-1] - 1 - (probs[bad].flip(-1) > 0).int().argmax(-1)
-        tokens[bad] = torch.minimum(tokens[bad], last_nz)
-    return tokens, probs.gather(1, tokens[:, None])[:, 0].log()
+        return _draw_nucleus(torch.softmax(logits.float() / temperature, dim=-1), u, top_p)
+    w = logits.to(torch.float32, copy=True)        # (B, V); one buffer, overwritten in place
+    if temperature != 1:
+        w.div_(temperature)
+    w.sub_(w.amax(-1, keepdim=True)).exp_()        # unnormalised probabilities, the largest 1
+    tokens, total = _inverse_cdf(w, u)
+    return tokens, (w.gather(1, tokens[:, None])[:, 0] / total).log()
+
+
+CDF_BLOCK = 1024    # tokens per block of the two-level inverse CDF
+
+
+def _inverse_cdf(w, u):
+    """Per row, the first index whose cumulative weight exceeds u * total, in two levels (the
+    cumulative weight of blocks of CDF_BLOCK tokens, then a cumsum inside the row's block), so no
+    (B, V) cumsum is allocated (bench/RESULTS.md, "one decode step"). Never a zero-weight token,
+    even where rounding puts the target past the last one. Returns (tokens (B,), total (B,))."""
+    B, V = w.shape
+    blocks = (F.pad(w, (0, -V % CDF_BLOCK)) if V % CDF_BLOCK else w).view(B, -1, CDF_BLOCK)   # (B, nb, CDF_BLOCK)
+    cdf = blocks.sum(-1).cumsum(-1)                                          # (B, nb)
+    total, rows = cdf[:, -1], torch.arange(B, device=w.device)
+    target = u * total
+    k = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]          # target < total: a live block
+    before = F.pad(cdf, (1, 0)).gather(1, k[:, None])[:, 0]
+    block = blocks[rows, k]                                                  # (B, CDF_BLOCK)
+    j = torch.searchsorted(block.cumsum(-1), (target - before)[:, None], right=True)[:, 0]
+    # the block's sum and its cumsum round differently: a target past the cumsum takes the last live token
+    j = torch.minimum(j, CDF_BLOCK - 1 - (block.flip(-1) > 0).int().argmax(-1))
+    return k * CDF_BLOCK + j, total
 
 
 def _draw_nucleus(probs, u, top_p):

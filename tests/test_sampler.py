@@ -279,3 +279,34 @@ def test_preallocated_layer_returns_what_hf_layer_returns(sliding, monkeypatch):
         for a, b in zip(ours.update(k, v), ref.update(k, v)):
             assert torch.equal(a, b), f"step {step}"
         assert ours.get_seq_length() == ref.get_seq_length() and ours.get_mask_sizes(1) == ref.get_mask_sizes(1)
+
+
+def test_two_level_inverse_cdf_is_the_float64_inverse_cdf_and_never_draws_a_dead_token():
+    """draw_tokens' block-wise inverse CDF (common._inverse_cdf) against one float64 cumsum, on a
+    vocabulary that is not a multiple of CDF_BLOCK, with dead (-inf) tokens, dead whole blocks and
+    a dead last block, for uniforms up to the largest float32 below 1."""
+    g = torch.Generator().manual_seed(0)
+    V = 3 * common.CDF_BLOCK + 77
+    logits = torch.randn(8, V, generator=g) * 2
+    logits[torch.rand(8, V, generator=g) < 0.5] = -float("inf")
+    logits[:, common.CDF_BLOCK:2 * common.CDF_BLOCK] = -float("inf")     # a dead block inside
+    logits[:, 3 * common.CDF_BLOCK - 5:] = -float("inf")                  # the tail dead, across a block edge
+    p64 = torch.softmax(logits.double(), -1)
+    cdf64 = p64.cumsum(-1)
+    agree = total = 0
+    for u in [torch.rand(8, generator=g) for _ in range(100)] + [torch.zeros(8), torch.ones(8)]:
+        tokens, lp = common.draw_tokens(logits, u, temperature=1.0, top_p=1.0)
+        assert (p64.gather(1, tokens[:, None]) > 0).all(), "drew a zero-probability token"
+        np.testing.assert_allclose(lp.double(), p64.gather(1, tokens[:, None])[:, 0].log(), atol=1e-5)
+        exact = torch.searchsorted(cdf64, (u.double().clamp(0, 1 - 2 ** -24) * cdf64[:, -1])[:, None], right=True)[:, 0]
+        exact = torch.minimum(exact, torch.tensor(3 * common.CDF_BLOCK - 6))
+        agree, total = agree + int((tokens == exact).sum()), total + 8
+    assert agree >= 0.99 * total
+    # a block's sum can exceed its cumsum's last value: a target in between must not take a dead token
+    B = common.CDF_BLOCK
+    w = torch.rand(256, B, generator=torch.Generator().manual_seed(1))
+    w[:, B - 8:] = 0
+    u = torch.full((256,), 1 - 2 ** -24)
+    assert (u * w.sum(-1) > w.cumsum(-1)[:, -1]).any(), "the case needs rows where the two round apart"
+    tokens, _ = common._inverse_cdf(w, u)
+    assert (w.gather(1, tokens[:, None]) > 0).all()
