@@ -565,7 +565,7 @@ def _preallocate(layer) -> None:
     instead of torch.cat-ing the whole cache into a new tensor every step (bench/RESULTS.md, "one
     decode step"). A batch change (compaction) or a full buffer copies once; a sliding layer that
     reaches its window falls back to HF's update. The attention sees the same values either way."""
-    if hasattr(layer, "keys") and hasattr(layer, "get_seq_length"):
+    if type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer"):   # others keep HF's update
         layer.update = types.MethodType(_growing_update, layer)
 
 
