@@ -131,8 +131,10 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
 def load_model(name: str = "gemma", device: str | None = None, dtype: str | None = None,
                activation_checkpointing: bool = False):
     """(model, tokenizer) in eval mode. "gemma" (Gemma 3 270M, a base model) and "smollm2"
-    (SmolLM2-135M-Instruct, chat template) are the embedded models (EMBEDDED); anything else is a local HF folder or a hub id. Sets up the lean backward (sparse tied-embedding
-    gradient; per-layer recompute with activation_checkpointing) and checks the LM head once."""
+    (SmolLM2-135M-Instruct, chat template) are the embedded models (EMBEDDED); anything else is a
+    local HF folder or a hub id. Sets up the lean backward (sparse tied-embedding gradient;
+    per-layer recompute with activation_checkpointing) and the packed decode attention, and checks
+    the LM head once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = embedded_dir(name) if name in EMBEDDED else os.path.expanduser(name)
     dev = pick_device(device)
@@ -149,6 +151,7 @@ def load_model(name: str = "gemma", device: str | None = None, dtype: str | None
         tok.pad_token = tok.eos_token
     model.to(dev).eval()
     contiguous_head(model)
+    packed_decode_attention(model)
     check_lm_head(model)     # ~0.1 s: training log-probs must equal the model's own
     sparse_tied_embedding_grad(model)
     if activation_checkpointing:
@@ -226,6 +229,36 @@ def contiguous_head(model):
         head.register_forward_pre_hook(lambda mod, args: (dense(args[0]), *args[1:]))
         head._contiguous_input = True
     return model
+
+
+DECODE_ATTENTION = "sdpa_packed_decode"
+
+
+def _packed_decode(module, query, key, value, attention_mask, **kwargs):
+    """HF's sdpa attention, except that one query token on the CPU always takes HF's own pack_gqa
+    path (a key/value head's query heads stacked as its query rows). Without a mask HF asks SDPA
+    for enable_gqa instead, which torch's CPU kernel ran ~5x slower (bench/RESULTS.md). Same maths."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    (B, H, q_len, D), Hkv = query.shape, key.shape[1]
+    if q_len != 1 or H == Hkv or query.device.type != "cpu" or any(
+            kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux")) or kwargs.get("dropout"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out = F.scaled_dot_product_attention(query.reshape(B, Hkv, H // Hkv, D), key, value,
+                                         attn_mask=attention_mask, scale=kwargs.get("scaling"))
+    return out.reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
+
+
+def packed_decode_attention(model) -> bool:
+    """Switch a model on HF's sdpa attention to _packed_decode (any other attention is left as it
+    is). Returns whether it did."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(DECODE_ATTENTION, _packed_decode)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(DECODE_ATTENTION)
+    return True
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
@@ -694,7 +727,7 @@ def _packed_mask_format(model):
     or None where the packed path cannot be trusted (then the unshared path runs)."""
     cfg = model.config
     impl = getattr(cfg, "_attn_implementation", None)
-    if impl not in ("sdpa", "eager") or getattr(cfg, "use_bidirectional_attention", False):
+    if impl not in ("sdpa", DECODE_ATTENTION, "eager") or getattr(cfg, "use_bidirectional_attention", False):
         return None    # flash/flex kernels ignore a dense 4D mask
     kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
     window = getattr(cfg, "sliding_window", None)
@@ -702,7 +735,7 @@ def _packed_mask_format(model):
         return None    # chunked / linear attention, or a window the layer types do not say where
     if "sliding_attention" in kinds and not getattr(cfg, "use_sliding_window", True):
         kinds = {"full_attention"}
-    return kinds, window, impl == "sdpa"
+    return kinds, window, impl != "eager"
 
 
 def _prompt_groups(prompt_ids) -> list[list[int]]:

@@ -9,6 +9,8 @@ min_new_tokens), so the tokens/s compare like with like. HF generate runs on the
 ours, dtype after dtype), and printed as median [min, max]; a ratio is taken within one repeat,
 between runs seconds apart, then its median [min, max] over repeats. The last lines compare our
 bf16 sampler with HF generate in bf16 (like for like) and in fp32 (what a user gets by default).
+HF generate runs on HF's default attention (sdpa), ours on the engine's (common._packed_decode); a
+third column runs HF generate on the engine's attention too, so the attention's share is visible.
 
     python bench/bench_sampler.py                      # embedded Gemma, n = 1 8 16 32, fp32 and bf16
     python bench/bench_sampler.py --n 16 --top-p 0.95  # one setting
@@ -66,7 +68,8 @@ def main():
         assert all(len(s.token_ids) == args.new_tokens for s in out)
         return time.perf_counter() - t0
 
-    def hf(m, n):
+    def hf(m, n, attention="sdpa"):
+        m.set_attn_implementation(attention)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = m.generate(**enc, do_sample=True, temperature=args.temperature, top_p=args.top_p,
@@ -74,26 +77,30 @@ def main():
                              min_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
         sync()
         assert out.shape[1] - enc.input_ids.shape[1] == args.new_tokens
-        return time.perf_counter() - t0
+        t = time.perf_counter() - t0
+        common.packed_decode_attention(m)       # back to the engine's attention
+        return t
 
     for m in models.values():  # warm-up
         ours(m, 2), hf(m, 2)
-    print(f"{'n':>4} {'dtype':>9} {'HF tok/s':>20} {'ours tok/s':>20} {'ours / HF':>22}")
+    print(f"{'n':>4} {'dtype':>9} {'HF tok/s':>20} {'HF, our attention':>20} {'ours tok/s':>20} {'ours / HF':>22}")
     summary = []
     for n in args.n:
-        t = {(dt, who): [] for dt in args.dtypes for who in ("hf", "ours")}
+        t = {(dt, who): [] for dt in args.dtypes for who in ("hf", "hf+", "ours")}
         for _ in range(args.repeats):
             for dt, m in models.items():
                 t[dt, "hf"].append(hf(m, n))
+                t[dt, "hf+"].append(hf(m, n, common.DECODE_ATTENTION))
                 t[dt, "ours"].append(ours(m, n))
         tokens = n * args.new_tokens
         for dt in args.dtypes:
             ratio = [h / o for h, o in zip(t[dt, "hf"], t[dt, "ours"])]
-            print(f"{n:>4} {dt:>9} {spread([tokens / s for s in t[dt, 'hf']]):>20} "
+            print(f"{n:>4} {dt:>9} {spread([tokens / s for s in t[dt, 'hf']]):>20} {spread([tokens / s for s in t[dt, 'hf+']]):>20} "
                   f"{spread([tokens / s for s in t[dt, 'ours']]):>20} {spread(ratio, '.2f'):>21}x", flush=True)
         if {"float32", "bfloat16"} <= set(args.dtypes):
             summary.append(f"n={n}: ours bf16 vs HF bf16 {spread([h / o for h, o in zip(t['bfloat16', 'hf'], t['bfloat16', 'ours'])], '.2f')}x, "
                            f"vs HF fp32 {spread([h / o for h, o in zip(t['float32', 'hf'], t['bfloat16', 'ours'])], '.2f')}x, "
+                           f"vs HF bf16 on our attention {spread([h / o for h, o in zip(t['bfloat16', 'hf+'], t['bfloat16', 'ours'])], '.2f')}x, "
                            f"ours bf16 vs ours fp32 {spread([f / b for f, b in zip(t['float32', 'ours'], t['bfloat16', 'ours'])], '.2f')}x")
     for line in summary:
         print("# " + line)

@@ -1,14 +1,16 @@
-"""Wall clock and peak RSS of a whole stage run, with shared-prompt scoring on and off.
+"""Wall clock and peak RSS of a whole stage run, as the code is and with one change taken out.
 
     python bench/bench_stage_wall.py -- grpo_introspect.py --model gemma
     python bench/bench_stage_wall.py --repeats 2 -- pmd_distill.py --model gemma --method sdpo
+    python bench/bench_stage_wall.py --before sdpa-decode -- grpo_introspect.py --model gemma
 
 Each run is a fresh process of the stage script with the given flags and its own --out under
-runs/bench-wall/. The "unshared" runs replace common._completion_hidden with its
-share_prompts=False path (every row forwards its own copy of the prompt), the code before the
-shared-prompt change, so before and after differ in that one thing. Repeats alternate the order.
-The metrics of each pair are compared key by key (timings excepted): they can drift, because
-shared and unshared log-probs agree to ~1e-6, not bit for bit.
+runs/bench-wall/. The "before" run takes out one change, so the pair differs in that one thing:
+  unshared     common._completion_hidden on its share_prompts=False path (every row forwards its
+               own copy of the prompt), the code before the shared-prompt change;
+  sdpa-decode  HF's sdpa attention at decode, not common._packed_decode.
+Repeats alternate the order. The metrics of each pair are compared key by key (timings excepted):
+they can drift, because both changes agree with the code before them to float rounding only.
 """
 import argparse
 import json
@@ -27,7 +29,9 @@ CHILD = """
 import atexit, json, resource, runpy, sys
 sys.path.insert(0, {root!r})
 import common
-if {unshared}:
+if {before!r} == "sdpa-decode":
+    common.packed_decode_attention = lambda model: False
+if {before!r} == "unshared":
     shared = common._completion_hidden
     def _completion_hidden(model, prompt_ids, completion_ids, pad_id, share_prompts=True):
         return shared(model, prompt_ids, completion_ids, pad_id, False)
@@ -38,15 +42,15 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_once(stage_argv: list[str], out: Path, unshared: bool) -> dict:
+def run_once(stage_argv: list[str], out: Path, before: str | None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     argv = [str(ROOT / stage_argv[0]), *stage_argv[1:], "--out", str(out)]
-    code = CHILD.format(root=str(ROOT), unshared=unshared, argv=argv)
+    code = CHILD.format(root=str(ROOT), before=before, argv=argv)
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        sys.exit(f"{' '.join(stage_argv)} (unshared={unshared}) failed:\n{p.stderr[-3000:]}")
+        sys.exit(f"{' '.join(stage_argv)} (before={before}) failed:\n{p.stderr[-3000:]}")
     peak = [float(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("PEAK_RSS_MB")]
     return {"wall_s": wall, "peak_rss_mb": peak[-1] if peak else float("nan"), "out": str(out)}
 
@@ -70,28 +74,30 @@ def med(xs) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--before", choices=["unshared", "sdpa-decode"], default="unshared", help="the change the 'before' run takes out")
     p.add_argument("stage", nargs=argparse.REMAINDER, help="-- <stage script> <its flags>")
     args = p.parse_args()
     stage = [a for a in args.stage if a != "--"]
     if not stage or not (ROOT / stage[0]).exists():
         sys.exit("give the stage after --, e.g. -- grpo_introspect.py --model gemma")
     name = Path(stage[0]).stem
-    runs = {"shared": [], "unshared": []}
+    before = args.before
+    runs = {"as is": [], before: []}
     for r in range(args.repeats):
-        order = ("shared", "unshared") if r % 2 == 0 else ("unshared", "shared")
+        order = ("as is", before) if r % 2 == 0 else (before, "as is")
         for v in order:
-            out = ROOT / "runs" / "bench-wall" / f"{name}-{v}-r{r}"
-            runs[v].append(run_once(stage, out, v == "unshared"))
+            out = ROOT / "runs" / "bench-wall" / f"{name}-{v.replace(' ', '-')}-r{r}"
+            runs[v].append(run_once(stage, out, None if v == "as is" else before))
             print(f"repeat {r} {v}: {runs[v][-1]['wall_s']:.1f} s, peak RSS {runs[v][-1]['peak_rss_mb']:.0f} MB",
                   flush=True)
     print(f"\n`python {' '.join(stage)}`, {args.repeats} repeat(s) each, median [min, max]\n")
-    print("| scoring | wall s | peak RSS MB |\n|---|---|---|")
+    print("| run | wall s | peak RSS MB |\n|---|---|---|")
     for v, rs in runs.items():
         print(f"| {v} | {med([x['wall_s'] for x in rs])} | {med([x['peak_rss_mb'] for x in rs])} |")
-    ratios = [s["wall_s"] / u["wall_s"] for s, u in zip(runs["shared"], runs["unshared"])]
-    print(f"\nshared / unshared wall clock, paired by repeat: {np.median(ratios):.2f}x "
+    ratios = [s["wall_s"] / u["wall_s"] for s, u in zip(runs["as is"], runs[before])]
+    print(f"\nas is / {before} wall clock, paired by repeat: {np.median(ratios):.2f}x "
           f"[{min(ratios):.2f}, {max(ratios):.2f}]")
-    for s, u in zip(runs["shared"], runs["unshared"]):
+    for s, u in zip(runs["as is"], runs[before]):
         print(same_metrics(s["out"], u["out"]))
 
 

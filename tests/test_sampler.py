@@ -310,3 +310,54 @@ def test_two_level_inverse_cdf_is_the_float64_inverse_cdf_and_never_draws_a_dead
     assert (u * w.sum(-1) > w.cumsum(-1)[:, -1]).any(), "the case needs rows where the two round apart"
     tokens, _ = common._inverse_cdf(w, u)
     assert (w.gather(1, tokens[:, None]) > 0).all()
+
+
+@pytest.mark.parametrize("heads, kv_heads, masked", [(4, 1, False), (8, 2, False), (8, 2, True), (4, 4, False)])
+def test_packed_decode_attention_is_hf_sdpa_attention(heads, kv_heads, masked):
+    """common._packed_decode against HF's own sdpa attention: one query token (grouped query heads,
+    with and without a padding mask, key/value as views of a longer buffer), and several query
+    tokens, which it hands to HF as they are."""
+    from types import SimpleNamespace
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    g = torch.Generator().manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
+    B, L, D = 3, 11, 16
+    k, v = (torch.randn(B, kv_heads, L + 5, D, generator=g)[:, :, :L] for _ in range(2))
+    for q_len in (1, 4):
+        q = torch.randn(B, q_len, heads, D, generator=g).transpose(1, 2)          # (B, H, q, D), as HF's
+        mask = None
+        if masked:
+            mask = torch.ones(B, 1, q_len, L, dtype=torch.bool).tril(L - q_len)
+            mask[0, ..., :4] = False                                                # a left-padded row
+        ours, _ = common._packed_decode(module, q, k, v, mask, scaling=0.3, dropout=0.0)
+        ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3, dropout=0.0)
+        assert ours.shape == ref.shape == (B, q_len, heads, D)
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_load_model_decodes_with_packed_attention_as_with_sdpa(tmp_path, tiny_tok, monkeypatch):
+    """load_model switches an sdpa model to the packed decode attention; one prompt's n rows (no
+    padding mask, the case HF sends to SDPA's slower enable_gqa) sample the tokens and log-probs
+    that HF's sdpa attention gives; a saved checkpoint still names plain sdpa."""
+    from conftest import save_tiny_model
+    model, tok = common.load_model(str(save_tiny_model(tmp_path / "m", tiny_tok)))
+    assert model.config._attn_implementation == common.DECODE_ATTENTION
+    calls = []
+    real = common._packed_decode
+    monkeypatch.setattr(common, "_packed_decode", lambda m, q, *a, **k: calls.append(q.shape[2]) or real(m, q, *a, **k))
+    from transformers import AttentionInterface
+    AttentionInterface.register(common.DECODE_ATTENTION, common._packed_decode)
+    kw = dict(n=4, max_new_tokens=20, temperature=1.0, seed=3)
+    try:
+        ours = common.sample(model, tok, ["Question: 2+2?\nAnswer:"], **kw)
+    finally:
+        AttentionInterface.register(common.DECODE_ATTENTION, real)
+    assert 1 in calls, "the decode steps must run the packed attention"
+    model.set_attn_implementation("sdpa")
+    ref = common.sample(model, tok, ["Question: 2+2?\nAnswer:"], **kw)
+    assert [s.token_ids for s in ours] == [s.token_ids for s in ref]
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    model.set_attn_implementation(common.DECODE_ATTENTION)
+    model.save_pretrained(tmp_path / "saved")
+    assert common.DECODE_ATTENTION not in (tmp_path / "saved" / "config.json").read_text()
