@@ -1706,19 +1706,41 @@ def command_line() -> str:
 RESUME_MAY_DIFFER = ("steps", "epochs", "resume", "device", "activation_checkpointing")
 
 
+def machine() -> dict:
+    """Where a run ran: CPU, cores, native bf16, GPU, library versions and the git commit. bf16
+    rollouts are reproducible per machine, not across machines (results/README.md), so config.json
+    keeps one of these per start of the run (the first, then each --resume)."""
+    import platform
+    import subprocess
+    import transformers
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpuinfo_field = lambda name: (re.search(rf"^{name}\s*:\s*(.+)$", info, re.M) or [None, None])[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpuinfo_field("model name") or platform.processor(),
+            "cpu_family_model": f"{cpuinfo_field('cpu family')}/{cpuinfo_field('model')}", "cpus": os.cpu_count(), "fast_bf16": cpu_has_fast_bf16(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__, "commit": commit}
+
+
 def setup_run(args, stage: str, may_differ=RESUME_MAY_DIFFER) -> Path:
-    """Create the run folder, seed everything, write config.json (the whole config and the command
-    line). A fresh run refuses a folder that holds files; --resume refuses changed flags other than
-    may_differ, and names them."""
+    """Create the run folder, seed everything, write config.json (the whole config, the command line
+    and the machines it ran on). A fresh run refuses a folder that holds files; --resume refuses
+    changed flags other than may_differ, and names them."""
     if args.resume and not args.out:
         raise UserError("--resume needs --out pointing at the run to continue")
     out = Path(args.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
-    config = {"stage": stage, **vars(args)}
+    config, machines = {"stage": stage, **vars(args)}, [machine()]
     if args.resume:
         if not (out / "config.json").exists():
             raise UserError(f"--resume: {out} holds no run (no config.json)")
         saved = json.loads((out / "config.json").read_text())
-        diff = [k for k in sorted(set(saved) | set(config)) if k not in may_differ and k != "argv"
+        machines = saved.get("machines", []) + machines
+        diff = [k for k in sorted(set(saved) | set(config)) if k not in may_differ and k not in ("argv", "machines")
                 and saved.get(k) != config.get(k)]
         if diff:
             shown = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {config.get(k)!r}" for k in diff)
@@ -1728,7 +1750,7 @@ def setup_run(args, stage: str, may_differ=RESUME_MAY_DIFFER) -> Path:
         raise UserError(f"--out {out}: already holds a run; pass --resume to continue it, or pick a new --out")
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
-    atomic_write_json(out / "config.json", {**config, "argv": command_line()})
+    atomic_write_json(out / "config.json", {**config, "argv": command_line(), "machines": machines})
     return out
 
 

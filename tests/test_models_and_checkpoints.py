@@ -1,5 +1,7 @@
 """Model loading, prompt formats, checkpoints that from_pretrained reloads, resumable state."""
 import importlib
+import json
+import os
 
 import pytest
 import torch
@@ -149,6 +151,21 @@ def test_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path):
     args.N, args.data = 8, "b.jsonl"
     with pytest.raises(common.UserError, match=r"--N 4 -> 8, --data 'a.jsonl' -> 'b.jsonl'"):
         common.setup_run(args, "x")
+
+
+def test_config_records_the_machine_of_each_start(tmp_path, monkeypatch):
+    """config.json keeps one machine record per start (CPU, versions, commit); a resume on another
+    machine adds its own record and is not refused for it."""
+    import argparse
+    args = argparse.Namespace(out=str(tmp_path / "r"), resume=False, seed=0, steps=3, device=None)
+    common.setup_run(args, "x")
+    first = json.loads((tmp_path / "r" / "config.json").read_text())["machines"]
+    assert len(first) == 1 and first[0]["torch"] == torch.__version__ and first[0]["cpus"] == os.cpu_count()
+    assert {"cpu", "fast_bf16", "transformers", "commit"} <= set(first[0])
+    monkeypatch.setattr(common, "machine", lambda: {"cpu": "another CPU"})
+    args.resume = True
+    common.setup_run(args, "x")
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["machines"] == first + [{"cpu": "another CPU"}]
 
 
 def test_weight_delta_is_measured_not_inferred():
