@@ -240,8 +240,9 @@ def _packed_decode(module, query, key, value, attention_mask, **kwargs):
     for enable_gqa instead, which torch's CPU kernel ran ~5x slower (bench/RESULTS.md). Same maths."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     (B, H, q_len, D), Hkv = query.shape, key.shape[1]
-    if q_len != 1 or H == Hkv or query.device.type != "cpu" or any(
-            kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux")) or kwargs.get("dropout"):
+    per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
+    if q_len != 1 or H == Hkv or query.device.type != "cpu" or per_head_mask or kwargs.get("dropout") or any(
+            kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     out = F.scaled_dot_product_attention(query.reshape(B, Hkv, H // Hkv, D), key, value,
                                          attn_mask=attention_mask, scale=kwargs.get("scaling"))
@@ -1721,7 +1722,8 @@ def machine() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpuinfo_field("model name") or platform.processor(),
-            "cpu_family_model": f"{cpuinfo_field('cpu family')}/{cpuinfo_field('model')}", "cpus": os.cpu_count(), "fast_bf16": cpu_has_fast_bf16(),
+            "cpu_family_model": f"{cpuinfo_field('cpu family')}/{cpuinfo_field('model')}",
+            "cpus": os.cpu_count(), "fast_bf16": cpu_has_fast_bf16(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "numpy": np.__version__, "commit": commit}

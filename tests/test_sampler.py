@@ -329,10 +329,11 @@ def test_packed_decode_attention_is_hf_sdpa_attention(heads, kv_heads, masked):
         if masked:
             mask = torch.ones(B, 1, q_len, L, dtype=torch.bool).tril(L - q_len)
             mask[0, ..., :4] = False                                                # a left-padded row
-        ours, _ = common._packed_decode(module, q, k, v, mask, scaling=0.3, dropout=0.0)
-        ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3, dropout=0.0)
-        assert ours.shape == ref.shape == (B, q_len, heads, D)
-        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+        for m in [mask] + ([mask.expand(B, heads, q_len, L).clone()] if masked else []):   # per-head too
+            ours, _ = common._packed_decode(module, q, k, v, m, scaling=0.3, dropout=0.0)
+            ref, _ = sdpa_attention_forward(module, q, k, v, m, scaling=0.3, dropout=0.0)
+            assert ours.shape == ref.shape == (B, q_len, heads, D)
+            torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
 
 
 def test_load_model_decodes_with_packed_attention_as_with_sdpa(tmp_path, tiny_tok, monkeypatch):
